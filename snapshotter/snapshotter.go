@@ -1,0 +1,381 @@
+//go:build linux
+
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/continuity/fs"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
+)
+
+// UpperdirLabel is set on Info when WithUpperdirLabel is given; it names the
+// directory holding the snapshot's own changes (as containerd's overlay
+// snapshotter does).
+const UpperdirLabel = "containerd.io/snapshot/overlay.upperdir"
+
+const (
+	metadataFile       = "metadata.db"
+	defaultLockTimeout = 5 * time.Second
+)
+
+// Snapshotter is an overlayfs snapshotter.
+type Snapshotter struct {
+	layout        overlay.Layout
+	ms            *storage.MetaStore
+	syncRemove    bool
+	upperdirLabel bool
+	mountOptions  []string
+}
+
+var (
+	_ snapshots.Snapshotter = (*Snapshotter)(nil)
+	_ snapshots.Cleaner     = (*Snapshotter)(nil)
+)
+
+// New opens (or creates) the snapshotter rooted at root. It fails when
+// overlayfs cannot work on root or when another process holds root's
+// metadata database.
+func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error) {
+	set := settings{lockTimeout: defaultLockTimeout}
+	for _, o := range opts {
+		if err := o(&set); err != nil {
+			return nil, err
+		}
+	}
+	if !filepath.IsAbs(root) {
+		return nil, fmt.Errorf("snapshotter root %q must be an absolute path", root)
+	}
+	layout := overlay.NewLayout(root)
+	if err := layout.Init(); err != nil {
+		return nil, err
+	}
+	if err := overlay.CheckSupported(root); err != nil {
+		return nil, err
+	}
+
+	dbPath := filepath.Join(root, metadataFile)
+	ms, err := storage.NewMetaStore(dbPath, func(o *bolt.Options) error {
+		o.Timeout = set.lockTimeout
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open metadata %s: %w", dbPath, err)
+	}
+	// The store opens the database lazily; open it now so that a root in use
+	// by another daemon is reported at start, not at the first request.
+	if err := withTransaction(ctx, ms, true, func(_ context.Context, tx *bolt.Tx) error {
+		return initBuckets(tx)
+	}); err != nil {
+		ms.Close()
+		if errors.Is(err, berrors.ErrTimeout) {
+			return nil, fmt.Errorf("metadata %s is locked: another process uses snapshotter root %s", dbPath, root)
+		}
+		return nil, fmt.Errorf("initialise metadata %s: %w", dbPath, err)
+	}
+
+	return &Snapshotter{
+		layout:        layout,
+		ms:            ms,
+		syncRemove:    set.syncRemove,
+		upperdirLabel: set.upperdirLabel,
+		mountOptions:  overlay.DetectOptions(root, set.mountOptions),
+	}, nil
+}
+
+// Root is the directory the snapshotter keeps its data in.
+func (o *Snapshotter) Root() string { return o.layout.Root() }
+
+// MountOptions are the options added to every overlay mount.
+func (o *Snapshotter) MountOptions() []string { return append([]string(nil), o.mountOptions...) }
+
+// Stat returns the info of an active or committed snapshot by key or name.
+func (o *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
+	var info snapshots.Info
+	err := withTransaction(ctx, o.ms, false, func(ctx context.Context, _ *bolt.Tx) error {
+		id, i, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		info = o.withUpperdirLabel(i, id)
+		return nil
+	})
+	return info, err
+}
+
+// Update changes the labels of a snapshot (the only mutable field).
+func (o *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (snapshots.Info, error) {
+	var updated snapshots.Info
+	err := withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) error {
+		i, err := storage.UpdateInfo(ctx, info, fieldpaths...)
+		if err != nil {
+			return err
+		}
+		if o.upperdirLabel {
+			id, _, _, err := storage.GetInfo(ctx, i.Name)
+			if err != nil {
+				return err
+			}
+			i = o.withUpperdirLabel(i, id)
+		}
+		updated = i
+		return nil
+	})
+	return updated, err
+}
+
+// Usage returns the disk space and inodes a snapshot uses. Committed
+// snapshots answer from the metadata; active ones walk their upperdir.
+func (o *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	var (
+		id    string
+		info  snapshots.Info
+		usage snapshots.Usage
+	)
+	if err := withTransaction(ctx, o.ms, false, func(ctx context.Context, _ *bolt.Tx) (err error) {
+		id, info, usage, err = storage.GetInfo(ctx, key)
+		return err
+	}); err != nil {
+		return snapshots.Usage{}, err
+	}
+	if info.Kind == snapshots.KindActive {
+		du, err := fs.DiskUsage(ctx, o.layout.UpperDir(id))
+		if err != nil {
+			return snapshots.Usage{}, fmt.Errorf("usage of active snapshot %q: %w", key, err)
+		}
+		usage = snapshots.Usage(du)
+	}
+	return usage, nil
+}
+
+// Prepare creates an active (writable) snapshot on top of parent.
+func (o *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return o.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
+}
+
+// View creates a read-only snapshot of parent.
+func (o *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return o.createSnapshot(ctx, snapshots.KindView, key, parent, opts)
+}
+
+// Mounts returns the mounts of an active snapshot or a view.
+func (o *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	var s storage.Snapshot
+	if err := withTransaction(ctx, o.ms, false, func(ctx context.Context, _ *bolt.Tx) (err error) {
+		if s, err = storage.GetSnapshot(ctx, key); err != nil {
+			return fmt.Errorf("mounts of %q: %w", key, err)
+		}
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	return o.mounts(s), nil
+}
+
+// Commit turns the active snapshot key into the committed snapshot name.
+func (o *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	if err := validateKey("snapshot name", name); err != nil {
+		return err
+	}
+	return withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) error {
+		id, info, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return fmt.Errorf("commit %q: %w", key, err)
+		}
+		// Checked before the disk walk so that committing a view or a
+		// committed snapshot fails fast.
+		if info.Kind != snapshots.KindActive {
+			return fmt.Errorf("commit %q: snapshot is %v, only active snapshots can be committed: %w", key, info.Kind, errdefs.ErrFailedPrecondition)
+		}
+		usage, err := fs.DiskUsage(ctx, o.layout.UpperDir(id))
+		if err != nil {
+			return fmt.Errorf("commit %q: measure upperdir: %w", key, err)
+		}
+		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(usage), opts...); err != nil {
+			return fmt.Errorf("commit %q as %q: %w", key, name, err)
+		}
+		return nil
+	})
+}
+
+// Remove drops a snapshot. Its directories are removed before returning
+// with WithSyncRemove, else by the next Cleanup.
+func (o *Snapshotter) Remove(ctx context.Context, key string) error {
+	var removals []string
+	err := withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) error {
+		if _, _, err := storage.Remove(ctx, key); err != nil {
+			return fmt.Errorf("remove snapshot %q: %w", key, err)
+		}
+		if o.syncRemove {
+			var err error
+			if removals, err = o.orphans(ctx); err != nil {
+				return fmt.Errorf("remove snapshot %q: %w", key, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	// After the commit: the key is gone whatever happens to the directories,
+	// and a directory that survives is an orphan the next Cleanup retries.
+	o.layout.RemoveAll(ctx, removals)
+	return nil
+}
+
+// Walk calls fn for every snapshot matching all filters.
+func (o *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	return withTransaction(ctx, o.ms, false, func(ctx context.Context, _ *bolt.Tx) error {
+		if !o.upperdirLabel {
+			return storage.WalkInfo(ctx, fn, filters...)
+		}
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			id, _, _, err := storage.GetInfo(ctx, info.Name)
+			if err != nil {
+				return err
+			}
+			return fn(ctx, o.withUpperdirLabel(info, id))
+		}, filters...)
+	})
+}
+
+// Cleanup removes the directories of removed snapshots and those left
+// half-prepared by a crash.
+func (o *Snapshotter) Cleanup(ctx context.Context) error {
+	var removals []string
+	// A write transaction keeps new snapshots from being created while the
+	// directory listing is compared with the metadata.
+	if err := withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) (err error) {
+		removals, err = o.orphans(ctx)
+		return err
+	}); err != nil {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	o.layout.RemoveAll(ctx, removals)
+	return nil
+}
+
+// Close releases the metadata database.
+func (o *Snapshotter) Close() error {
+	return o.ms.Close()
+}
+
+func (o *Snapshotter) orphans(ctx context.Context) ([]string, error) {
+	ids, err := storage.IDMap(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return o.layout.Orphans(ids)
+}
+
+func (o *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, err error) {
+	if err := validateKey("snapshot key", key); err != nil {
+		return nil, err
+	}
+	var (
+		s         storage.Snapshot
+		info      snapshots.Info
+		td, final string
+	)
+	defer func() {
+		// On failure nothing may remain on disk: neither the temporary
+		// directory nor, if the rename happened but the commit did not, the
+		// final one.
+		if err == nil {
+			return
+		}
+		for _, dir := range []string{td, final} {
+			if dir == "" {
+				continue
+			}
+			if rerr := os.RemoveAll(dir); rerr != nil {
+				log.G(ctx).WithError(rerr).WithField("path", dir).Error("failed to remove directory of failed snapshot; Cleanup will retry")
+			}
+		}
+	}()
+
+	err = withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) (err error) {
+		if td, err = o.layout.PrepareTemp(kind == snapshots.KindActive); err != nil {
+			return err
+		}
+		if s, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...); err != nil {
+			return fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+		if _, info, _, err = storage.GetInfo(ctx, key); err != nil {
+			return fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+		if err := o.chownUpper(ctx, td, s, info); err != nil {
+			return fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+		final = o.layout.SnapshotDir(s.ID)
+		if err := os.Rename(td, final); err != nil {
+			final = ""
+			return fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+		td = ""
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return o.mounts(s), nil
+}
+
+// chownUpper gives a new upperdir the owner its root directory must have:
+// the remapped root with user-namespace labels, else the owner of the
+// parent's root, so that the container sees the root it expects.
+func (o *Snapshotter) chownUpper(ctx context.Context, td string, s storage.Snapshot, info snapshots.Info) error {
+	upper := filepath.Join(td, "fs")
+	uid, gid, ok, err := remappedRoot(info.Labels)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		if len(s.ParentIDs) == 0 {
+			return nil
+		}
+		uid, gid, err = owner(o.layout.UpperDir(s.ParentIDs[0]))
+		if err != nil {
+			return fmt.Errorf("stat parent: %w", err)
+		}
+	}
+	if err := os.Lchown(upper, uid, gid); err != nil {
+		return fmt.Errorf("chown upperdir: %w", err)
+	}
+	return nil
+}
+
+func (o *Snapshotter) mounts(s storage.Snapshot) []mount.Mount {
+	return o.layout.Mounts(overlay.MountSpec{
+		ID:        s.ID,
+		ParentIDs: s.ParentIDs,
+		Active:    s.Kind == snapshots.KindActive,
+		Options:   o.mountOptions,
+	})
+}
+
+func (o *Snapshotter) withUpperdirLabel(info snapshots.Info, id string) snapshots.Info {
+	if !o.upperdirLabel {
+		return info
+	}
+	labels := make(map[string]string, len(info.Labels)+1)
+	for k, v := range info.Labels {
+		labels[k] = v
+	}
+	labels[UpperdirLabel] = o.layout.UpperDir(id)
+	info.Labels = labels
+	return info
+}
