@@ -201,7 +201,12 @@ func TestRestarts(t *testing.T) {
 			if err := restart.do(ctx); err != nil {
 				t.Fatal(err)
 			}
+			// The running container never needed the daemon: check it
+			// first, before containerd has even reconnected.
 			assertStillWriting(ctx, t, env, id)
+			if err := env.WaitForSnapshotter(ctx); err != nil {
+				t.Fatal(err)
+			}
 			if after := snapshotList(ctx, t, env, seamless); !equalStrings(before, after) {
 				t.Fatalf("snapshots changed across the restart:\nbefore %v\nafter  %v", before, after)
 			}
