@@ -87,9 +87,12 @@ go_build() {
 		return 1
 	fi
 	rm -f "$errlog"
-	local dir rel
-	dir=$(cd "$(mktemp -d)" && go mod download -json "$module@$version" |
+	local dir rel scratch
+	# Run outside any module so the download does not touch a go.mod/go.sum.
+	scratch=$(mktemp -d)
+	dir=$(cd "$scratch" && go mod download -json "$module@$version" |
 		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	rmdir "$scratch"
 	[[ -n $dir ]] || die "go mod download $module@$version: no module directory"
 	rel=.${pkg#"$module"}
 	(cd "$dir" && go build "$@" -o "$BIN_DIR/$bin" "$rel")

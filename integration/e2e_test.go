@@ -494,3 +494,63 @@ func upperOf(t *testing.T, mounts []mount.Mount) string {
 	}
 	return mounts[0].Source
 }
+
+// TestBadRequestsThroughContainerd: a user of containerd sees the error
+// class containerd's own snapshotters give (through containerd, the proxy
+// and the daemon), and nothing changes on disk or in the metadata.
+func TestBadRequestsThroughContainerd(t *testing.T) {
+	ctx, env, _ := setup(t, seamless)
+	c := client(ctx, t, env)
+	sn := c.SnapshotService(seamless)
+	layers := snapshotList(ctx, t, env, seamless)
+	top := topLayer(t, layers)
+	// A gc.root label keeps containerd's collector off these two.
+	root := snapshots.WithLabels(map[string]string{"containerd.io/gc.root": time.Now().Format(time.RFC3339)})
+	if _, err := sn.Prepare(ctx, "active", top, root); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sn.View(ctx, "view", top, root); err != nil {
+		t.Fatal(err)
+	}
+	snapshotsDir := filepath.Join(env.Daemon.Root(), "snapshots")
+
+	for _, tc := range []struct {
+		name  string
+		call  func() error
+		class func(error) bool
+	}{
+		{"remove a snapshot with children", func() error { return sn.Remove(ctx, top) }, errdefs.IsFailedPrecondition},
+		{"commit a view", func() error { return sn.Commit(ctx, "from-view", "view") }, errdefs.IsFailedPrecondition},
+		{"prepare an existing key", func() error { _, err := sn.Prepare(ctx, "active", top); return err }, errdefs.IsAlreadyExists},
+		{"prepare on an unknown parent", func() error { _, err := sn.Prepare(ctx, "x", "sha256:nope"); return err }, errdefs.IsNotFound},
+		{"key escaping the root", func() error { _, err := sn.Prepare(ctx, "../../../../etc/x", top); return err }, errdefs.IsInvalidArgument},
+		{"mounts of an unknown key", func() error { _, err := sn.Mounts(ctx, "nope"); return err }, errdefs.IsNotFound},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dirsBefore := dirNames(t, snapshotsDir)
+			err := tc.call()
+			if !tc.class(err) {
+				t.Fatalf("got %v", err)
+			}
+			if after := snapshotList(ctx, t, env, seamless); len(after) != len(layers)+2 {
+				t.Errorf("metadata changed: %v", after)
+			}
+			if after := dirNames(t, snapshotsDir); !equalStrings(dirsBefore, after) {
+				t.Errorf("snapshot directories changed:\nbefore %v\nafter  %v", dirsBefore, after)
+			}
+		})
+	}
+}
+
+func dirNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := make([]string, len(entries))
+	for i, e := range entries {
+		names[i] = e.Name()
+	}
+	return names
+}

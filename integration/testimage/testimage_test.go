@@ -309,6 +309,7 @@ storage:
     rootdirectory: %s
 http:
   addr: %s
+  secret: seamless-testimage
 `, filepath.Join(dir, "storage"), addr)), 0o644)
 	if err != nil {
 		t.Fatal(err)
