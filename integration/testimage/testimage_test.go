@@ -4,14 +4,11 @@ package testimage
 
 import (
 	"archive/tar"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,6 +21,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/integration/harness"
 )
 
 func TestBuild(t *testing.T) {
@@ -247,9 +246,14 @@ func TestWriteOCIArchive(t *testing.T) {
 }
 
 func TestPushToRegistry(t *testing.T) {
-	addr := startRegistry(t)
+	harness.RequireBinaries(t, harness.BinRegistry)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	reg := harness.NewRegistry(t)
+	if err := reg.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	addr := reg.Addr()
 
 	for _, oci := range []bool{true, false} {
 		t.Run(fmt.Sprintf("oci=%v", oci), func(t *testing.T) {
@@ -285,120 +289,6 @@ func TestPushToRegistry(t *testing.T) {
 	}
 }
 
-// startRegistry runs distribution's registry on a free 127.0.0.1 port with
-// throwaway storage and returns its host:port.
-func startRegistry(t *testing.T) string {
-	t.Helper()
-	bin := findRegistry(t)
-
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	// Small race until the registry binds it again; acceptable for tests.
-	l.Close()
-
-	dir := t.TempDir()
-	cfg := filepath.Join(dir, "config.yml")
-	err = os.WriteFile(cfg, []byte(fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-storage:
-  filesystem:
-    rootdirectory: %s
-http:
-  addr: %s
-  secret: seamless-testimage
-`, filepath.Join(dir, "storage"), addr)), 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	var logs bytes.Buffer
-	cmd := exec.Command(bin, "serve", cfg)
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	// Keep OpenTelemetry from trying to export traces to localhost:4318.
-	cmd.Env = append(os.Environ(), "OTEL_TRACES_EXPORTER=none")
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting %s: %v", bin, err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-		if t.Failed() {
-			t.Logf("registry output:\n%s", logs.String())
-		}
-	})
-
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return addr
-			}
-		}
-		select {
-		case err := <-exited:
-			exited <- err // for the cleanup
-			t.Fatalf("registry exited: %v\n%s", err, logs.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("registry on %s not ready after 15s (last error %v)", addr, err)
-		}
-	}
-}
-
-// findRegistry looks where hack/install-deps.sh installs the registry, then
-// in PATH.
-func findRegistry(t *testing.T) string {
-	var candidates []string
-	if d := os.Getenv("SEAMLESS_TOOLS_BIN"); d != "" {
-		candidates = append(candidates, filepath.Join(d, "registry"))
-	}
-	if root, err := repoRoot(); err == nil {
-		candidates = append(candidates, filepath.Join(root, "_output", "tools", "registry"))
-	}
-	for _, c := range candidates {
-		if _, err := os.Stat(c); err == nil {
-			return c
-		}
-	}
-	if p, err := exec.LookPath("registry"); err == nil {
-		return p
-	}
-	msg := fmt.Sprintf("distribution registry not found in %v or PATH; run hack/install-deps.sh", candidates)
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-	return ""
-}
-
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the working directory")
-		}
-		dir = parent
-	}
-}
-
-// readLayer returns the headers of layer i in archive order and the contents
-// of its regular files.
 func readLayer(t *testing.T, img v1.Image, i int) ([]*tar.Header, map[string][]byte) {
 	t.Helper()
 	layers, err := img.Layers()
