@@ -25,6 +25,7 @@ all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN_DIR)/containerd-seamless-grpc ./cmd/containerd-seamless-grpc
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN_DIR)/seamlessctl ./cmd/seamlessctl
 
 # Pinned containerd, ctr, shim, runc and registry, built from the Go module
 # proxy, plus the few Debian packages the tests use.
@@ -49,7 +50,7 @@ demo: build deps
 bench: build deps
 	mkdir -p $(OUTPUT)
 	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCH_COUNT) ./integration/ | tee $(OUTPUT)/bench.txt
-	GOBIN=$(TOOLS_DIR) $(GO) install golang.org/x/perf/cmd/benchstat@latest
+	GOBIN=$(TOOLS_DIR) $(GO) install golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da
 	$(TOOLS_DIR)/benchstat -col /impl $(OUTPUT)/bench.txt
 
 clean:

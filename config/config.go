@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 	"github.com/sirupsen/logrus"
@@ -33,11 +34,55 @@ type Config struct {
 	Root string `toml:"root"`
 	// Address is the unix socket containerd connects to.
 	Address string `toml:"address"`
+	// APIAddress is the unix socket of the HTTP API (commits, metrics);
+	// empty means api.sock beside Address.
+	APIAddress string `toml:"api_address"`
 	// LogLevel is one of trace, debug, info, warn, error, fatal, panic.
 	LogLevel string `toml:"log_level"`
 	// Snapshotter configures the overlay snapshotter.
 	Snapshotter Snapshotter `toml:"snapshotter"`
+	// Commit configures seamless commits.
+	Commit Commit `toml:"commit"`
 }
+
+// Capture strategies (see DESIGN §3).
+const (
+	StrategyAuto    = "auto"
+	StrategyCopy    = "copy"
+	StrategyReflink = "reflink"
+)
+
+// Commit configures seamless commits.
+type Commit struct {
+	// Strategy is how the writable layer is captured: auto (reflink where
+	// the root's filesystem can clone, else copy), copy or reflink.
+	Strategy string `toml:"strategy"`
+	// PauseBudget bounds the time a container stays frozen; past it the
+	// capture is abandoned, the container thawed and the commit fails.
+	PauseBudget Duration `toml:"pause_budget"`
+	// PreCopyRounds bounds the copy rounds made while the container runs,
+	// before the freeze.
+	PreCopyRounds int `toml:"precopy_rounds"`
+	// PreCopyConverged ends the pre-copy early once a round finds at most
+	// this many changed entries.
+	PreCopyConverged int `toml:"precopy_converged"`
+}
+
+// Duration is a time.Duration written as a string ("500ms") in TOML.
+type Duration time.Duration
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText writes a Go duration string.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
 
 // Snapshotter configures the overlay snapshotter.
 type Snapshotter struct {
@@ -56,6 +101,17 @@ func Default() Config {
 		Root:     DefaultRoot,
 		Address:  DefaultAddress,
 		LogLevel: DefaultLogLevel,
+		Commit:   DefaultCommit(),
+	}
+}
+
+// DefaultCommit is the [commit] section when none is given.
+func DefaultCommit() Commit {
+	return Commit{
+		Strategy:         StrategyAuto,
+		PauseBudget:      Duration(500 * time.Millisecond),
+		PreCopyRounds:    5,
+		PreCopyConverged: 100,
 	}
 }
 
@@ -101,6 +157,14 @@ func Decode(data []byte, cfg *Config) error {
 	return nil
 }
 
+// APISocket is the API's socket: APIAddress, or api.sock beside Address.
+func (c Config) APISocket() string {
+	if c.APIAddress != "" {
+		return c.APIAddress
+	}
+	return filepath.Join(filepath.Dir(c.Address), "api.sock")
+}
+
 // Validate checks every value and names the key of the first bad one.
 func (c Config) Validate() error {
 	if err := absPath("root", c.Root); err != nil {
@@ -112,11 +176,41 @@ func (c Config) Validate() error {
 	if len(c.Address) > maxSocketPath {
 		return fmt.Errorf("address: %q is %d bytes, longer than a unix socket path may be (%d)", c.Address, len(c.Address), maxSocketPath)
 	}
+	if c.APIAddress != "" {
+		if err := absPath("api_address", c.APIAddress); err != nil {
+			return err
+		}
+		if len(c.APIAddress) > maxSocketPath {
+			return fmt.Errorf("api_address: %q is longer than a unix socket path may be (%d)", c.APIAddress, maxSocketPath)
+		}
+		if c.APIAddress == c.Address {
+			return fmt.Errorf("api_address: must differ from address")
+		}
+	}
 	if _, err := logrus.ParseLevel(c.LogLevel); err != nil {
 		return fmt.Errorf("log_level: %q is not one of trace, debug, info, warn, error, fatal, panic", c.LogLevel)
 	}
 	if err := overlay.ValidateOptions(c.Snapshotter.MountOptions); err != nil {
 		return fmt.Errorf("snapshotter.mount_options: %w", err)
+	}
+	return c.Commit.Validate()
+}
+
+// Validate checks the [commit] section.
+func (c Commit) Validate() error {
+	switch c.Strategy {
+	case StrategyAuto, StrategyCopy, StrategyReflink:
+	default:
+		return fmt.Errorf("commit.strategy: %q is not one of auto, copy, reflink", c.Strategy)
+	}
+	if b := time.Duration(c.PauseBudget); b <= 0 || b > time.Minute {
+		return fmt.Errorf("commit.pause_budget: %v must be positive and at most 1m", b)
+	}
+	if c.PreCopyRounds < 1 || c.PreCopyRounds > 100 {
+		return fmt.Errorf("commit.precopy_rounds: %d must be between 1 and 100", c.PreCopyRounds)
+	}
+	if c.PreCopyConverged < 0 {
+		return fmt.Errorf("commit.precopy_converged: %d must not be negative", c.PreCopyConverged)
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestExampleIsTheDefaults keeps the shipped example file honest: it parses
@@ -60,6 +61,15 @@ mount_options = ["volatile"]
 		{name: "bad log level", toml: `log_level = "loud"`, wantErr: "log_level:"},
 		{name: "reserved mount option", toml: "[snapshotter]\nmount_options = [\"upperdir=/x\"]", wantErr: "snapshotter.mount_options:"},
 		{name: "syntax error", toml: `root = `, wantErr: "line 1"},
+		{name: "commit section", toml: "[commit]\nstrategy = \"copy\"\npause_budget = \"50ms\"\nprecopy_rounds = 2\nprecopy_converged = 10", check: func(t *testing.T, c Config) {
+			if c.Commit != (Commit{Strategy: "copy", PauseBudget: Duration(50 * time.Millisecond), PreCopyRounds: 2, PreCopyConverged: 10}) {
+				t.Errorf("got %+v", c.Commit)
+			}
+		}},
+		{name: "bad strategy", toml: "[commit]\nstrategy = \"magic\"", wantErr: "commit.strategy:"},
+		{name: "bad pause budget", toml: "[commit]\npause_budget = \"soon\"", wantErr: "pause_budget"},
+		{name: "zero pause budget", toml: "[commit]\npause_budget = \"0s\"", wantErr: "commit.pause_budget:"},
+		{name: "bad rounds", toml: "[commit]\nprecopy_rounds = 0", wantErr: "commit.precopy_rounds:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Default()

@@ -72,8 +72,9 @@ func client(ctx context.Context, t *testing.T, env *harness.Env) *containerd.Cli
 }
 
 // counterScript makes a container that keeps proving it can write: it
-// increments /counter ten times a second.
-var counterScript = []string{"sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /counter; sleep 0.1; done"}
+// increments /counter ten times a second (write, then rename, so that a
+// reader never sees the file truncated).
+var counterScript = []string{"sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; sleep 0.1; done"}
 
 func readCounter(ctx context.Context, t *testing.T, env *harness.Env, id string) int {
 	t.Helper()

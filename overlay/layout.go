@@ -7,14 +7,17 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/containerd/log"
 )
 
 const (
-	snapshotsDirName = "snapshots"
-	upperDirName     = "fs"
-	workDirName      = "work"
+	snapshotsDirName  = "snapshots"
+	capturesDirName   = "captures"
+	captureTempPrefix = ".tmp-"
+	upperDirName      = "fs"
+	workDirName       = "work"
 	// tempPrefix marks a snapshot directory that is still being prepared. A
 	// crash can leave one behind; since its name is never a snapshot ID,
 	// Cleanup reclaims it like any other orphan.
@@ -56,9 +59,28 @@ func (l Layout) WorkDir(id string) string {
 	return filepath.Join(l.SnapshotsDir(), id, workDirName)
 }
 
+// CapturesDir holds the point-in-time captures of seamless commits. It is
+// not under SnapshotsDir: captures are not snapshots, and containerd's
+// garbage collector (through Cleanup) must never see or remove them.
+func (l Layout) CapturesDir() string { return filepath.Join(l.root, capturesDirName) }
+
+// CaptureDir is the capture of the commit with the given ID.
+func (l Layout) CaptureDir(commitID string) string {
+	return filepath.Join(l.CapturesDir(), commitID)
+}
+
+// CaptureTemp is where a capture is built before it is recorded.
+func (l Layout) CaptureTemp(commitID string) string {
+	return filepath.Join(l.CapturesDir(), captureTempPrefix+commitID)
+}
+
+// IsCaptureTemp reports whether a name in CapturesDir is a capture being
+// built (or left half-built by a crash).
+func IsCaptureTemp(name string) bool { return strings.HasPrefix(name, captureTempPrefix) }
+
 // Init creates the root and the snapshots directory, both root-only.
 func (l Layout) Init() error {
-	for _, dir := range []string{l.root, l.SnapshotsDir()} {
+	for _, dir := range []string{l.root, l.SnapshotsDir(), l.CapturesDir()} {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			return fmt.Errorf("create %s: %w", dir, err)
 		}

@@ -29,6 +29,8 @@ type Config struct {
 	SyncRemove    bool     `toml:"sync_remove"`
 	UpperdirLabel bool     `toml:"upperdir_label"`
 	MountOptions  []string `toml:"mount_options"`
+	// Commit configures seamless commits, as [commit] in the daemon's file.
+	Commit config.Commit `toml:"commit"`
 }
 
 func init() {
@@ -40,7 +42,7 @@ func Registration() *plugin.Registration {
 	return &plugin.Registration{
 		Type:   plugins.SnapshotPlugin,
 		ID:     ID,
-		Config: &Config{},
+		Config: &Config{Commit: config.DefaultCommit()},
 		InitFn: initSnapshotter,
 	}
 }
@@ -60,7 +62,7 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 		SyncRemove:    cfg.SyncRemove,
 		UpperdirLabel: cfg.UpperdirLabel,
 		MountOptions:  cfg.MountOptions,
-	})
+	}, cfg.Commit)
 	sn, err := snapshotter.New(ic.Context, root, opts...)
 	if err != nil {
 		return nil, err

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
 
+	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
 )
 
@@ -37,7 +38,7 @@ func TestInitGivesAWorkingSnapshotter(t *testing.T) {
 	ic := plugin.NewContext(ctx, plugin.NewPluginSet(), map[string]string{
 		plugins.PropertyRootDir: filepath.Join(tmp, "assigned-root"),
 	})
-	ic.Config = &Config{RootPath: root, SyncRemove: true, MountOptions: []string{"index=off"}}
+	ic.Config = &Config{RootPath: root, SyncRemove: true, MountOptions: []string{"index=off"}, Commit: config.DefaultCommit()}
 	p := Registration().Init(ic)
 	inst, err := p.Instance()
 	if err != nil {

@@ -12,6 +12,8 @@ type settings struct {
 	upperdirLabel bool
 	mountOptions  []string
 	lockTimeout   time.Duration
+	commit        config.Commit
+	observers     []func(Commit)
 }
 
 // Option configures a Snapshotter.
@@ -53,9 +55,32 @@ func WithLockTimeout(d time.Duration) Option {
 	}
 }
 
-// ConfigOptions translates the [snapshotter] section of the configuration.
-func ConfigOptions(c config.Snapshotter) []Option {
-	var opts []Option
+// WithCommitConfig configures seamless commits (strategy, pause budget,
+// pre-copy); config.DefaultCommit() otherwise.
+func WithCommitConfig(c config.Commit) Option {
+	return func(s *settings) error {
+		if err := c.Validate(); err != nil {
+			return err
+		}
+		s.commit = c
+		return nil
+	}
+}
+
+// WithCommitObserver calls fn with the record of every capture that ends,
+// in success or failure (for metrics). fn must be quick and must not call
+// back into the snapshotter.
+func WithCommitObserver(fn func(Commit)) Option {
+	return func(s *settings) error {
+		s.observers = append(s.observers, fn)
+		return nil
+	}
+}
+
+// ConfigOptions translates the [snapshotter] and [commit] sections of the
+// configuration.
+func ConfigOptions(c config.Snapshotter, commit config.Commit) []Option {
+	opts := []Option{WithCommitConfig(commit)}
 	if c.SyncRemove {
 		opts = append(opts, WithSyncRemove)
 	}

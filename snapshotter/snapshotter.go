@@ -4,10 +4,13 @@ package snapshotter
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -19,7 +22,10 @@ import (
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
 
+	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/capture"
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
 )
 
 // UpperdirLabel is set on Info when WithUpperdirLabel is given; it names the
@@ -32,13 +38,30 @@ const (
 	defaultLockTimeout = 5 * time.Second
 )
 
-// Snapshotter is an overlayfs snapshotter.
+// Snapshotter is an overlayfs snapshotter with seamless commits.
 type Snapshotter struct {
 	layout        overlay.Layout
 	ms            *storage.MetaStore
 	syncRemove    bool
 	upperdirLabel bool
 	mountOptions  []string
+
+	commitCfg config.Commit
+	// strategy is the capture strategy resolved from the configuration
+	// and the root's filesystem: copy or reflink.
+	strategy string
+	hold     *freeze.ActiveHold
+
+	observers []func(Commit)
+
+	capturingMu sync.Mutex
+	capturing   map[string]string // snapshot ID -> commit ID being captured
+
+	// Captures started by the label trigger run in the background, under
+	// backgroundCtx; Close cancels it and waits for them.
+	backgroundCtx    context.Context
+	cancelBackground context.CancelFunc
+	background       sync.WaitGroup
 }
 
 var (
@@ -50,7 +73,7 @@ var (
 // overlayfs cannot work on root or when another process holds root's
 // metadata database.
 func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error) {
-	set := settings{lockTimeout: defaultLockTimeout}
+	set := settings{lockTimeout: defaultLockTimeout, commit: config.DefaultCommit()}
 	for _, o := range opts {
 		if err := o(&set); err != nil {
 			return nil, err
@@ -87,14 +110,69 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 		return nil, fmt.Errorf("initialise metadata %s: %w", dbPath, err)
 	}
 
-	return &Snapshotter{
-		layout:        layout,
-		ms:            ms,
-		syncRemove:    set.syncRemove,
-		upperdirLabel: set.upperdirLabel,
-		mountOptions:  overlay.DetectOptions(root, set.mountOptions),
-	}, nil
+	strategy, err := resolveStrategy(set.commit.Strategy, layout)
+	if err != nil {
+		ms.Close()
+		return nil, err
+	}
+	bgCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	o := &Snapshotter{
+		layout:           layout,
+		ms:               ms,
+		syncRemove:       set.syncRemove,
+		upperdirLabel:    set.upperdirLabel,
+		mountOptions:     overlay.DetectOptions(root, set.mountOptions),
+		commitCfg:        set.commit,
+		observers:        set.observers,
+		strategy:         strategy,
+		capturing:        map[string]string{},
+		backgroundCtx:    bgCtx,
+		cancelBackground: cancel,
+	}
+	if err := o.recover(ctx); err != nil {
+		cancel()
+		ms.Close()
+		return nil, fmt.Errorf("recover from the previous run: %w", err)
+	}
+	// On the v1 freezer, the first frozen cgroup flips a kernel static key
+	// that costs milliseconds per freeze and thaw; an empty cgroup kept
+	// frozen keeps it flipped (see freeze.HoldActive). Without it commits
+	// still work, with longer pauses.
+	if o.hold, err = freeze.HoldActive(ctx, holdName(root)); err != nil {
+		log.G(ctx).WithError(err).Warn("cannot keep the cgroup v1 freezer active; pauses will be several milliseconds longer")
+	}
+	return o, nil
 }
+
+// holdName is unique per root, so that two snapshotters (tests, or two
+// daemons with different roots) never release each other's hold.
+func holdName(root string) string {
+	sum := sha256.Sum256([]byte(root))
+	return "containerd-seamless-hold-" + hex.EncodeToString(sum[:6])
+}
+
+// resolveStrategy picks the capture strategy: reflink where the root's
+// filesystem can clone files, else copy, unless the configuration insists.
+func resolveStrategy(configured string, layout overlay.Layout) (string, error) {
+	canClone := capture.SupportsReflink(layout.CapturesDir())
+	switch configured {
+	case config.StrategyReflink:
+		if !canClone {
+			return "", fmt.Errorf("commit.strategy is reflink, but the filesystem of %s cannot clone files (FICLONE); use copy or auto", layout.Root())
+		}
+		return config.StrategyReflink, nil
+	case config.StrategyCopy:
+		return config.StrategyCopy, nil
+	default:
+		if canClone {
+			return config.StrategyReflink, nil
+		}
+		return config.StrategyCopy, nil
+	}
+}
+
+// Strategy is the capture strategy in use.
+func (o *Snapshotter) Strategy() string { return o.strategy }
 
 // Root is the directory the snapshotter keeps its data in.
 func (o *Snapshotter) Root() string { return o.layout.Root() }
@@ -116,13 +194,42 @@ func (o *Snapshotter) Stat(ctx context.Context, key string) (snapshots.Info, err
 	return info, err
 }
 
-// Update changes the labels of a snapshot (the only mutable field).
+// Update changes the labels of a snapshot (the only mutable field). Setting
+// LabelCommit on an active snapshot starts a seamless commit: Update
+// validates the request and returns at once (containerd holds its metadata
+// lock meanwhile); the capture runs in the background.
 func (o *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (snapshots.Info, error) {
-	var updated snapshots.Info
+	var (
+		updated  snapshots.Info
+		req      CommitRequest
+		commit   bool
+		res      *reservation
+		commitID string
+		snapID   string
+	)
 	err := withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) error {
+		_, before, _, err := storage.GetInfo(ctx, info.Name)
+		if err != nil {
+			return err
+		}
 		i, err := storage.UpdateInfo(ctx, info, fieldpaths...)
 		if err != nil {
 			return err
+		}
+		if req, commit, err = commitRequestFromLabels(info.Name, before.Labels, i.Labels, fieldpaths); err != nil {
+			return err
+		}
+		if commit {
+			if err := req.normalise(o.commitCfg); err != nil {
+				return err
+			}
+			if snapID, err = checkCommittable(ctx, info.Name); err != nil {
+				return err
+			}
+			commitID = newCommitID()
+			if res, err = o.reserve(snapID, commitID); err != nil {
+				return err
+			}
 		}
 		if o.upperdirLabel {
 			id, _, _, err := storage.GetInfo(ctx, i.Name)
@@ -134,6 +241,13 @@ func (o *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 		updated = i
 		return nil
 	})
+	if res != nil {
+		if err != nil {
+			res.release()
+		} else {
+			o.startCapture(req, snapID, commitID, res)
+		}
+	}
 	return updated, err
 }
 
@@ -268,8 +382,16 @@ func (o *Snapshotter) Cleanup(ctx context.Context) error {
 	return nil
 }
 
-// Close releases the metadata database.
+// Close stops background captures (their containers are thawed) and
+// releases the metadata database.
 func (o *Snapshotter) Close() error {
+	o.cancelBackground()
+	o.background.Wait()
+	if o.hold != nil {
+		if err := o.hold.Release(context.Background()); err != nil {
+			log.L.WithError(err).Warn("failed to release the freezer hold cgroup")
+		}
+	}
 	return o.ms.Close()
 }
 

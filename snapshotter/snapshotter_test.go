@@ -207,7 +207,7 @@ func TestCleanupRemovesOrphansOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ownState := filepath.Join(root, "captures")
+	ownState := filepath.Join(root, "captures", "some-commit")
 	if err := os.Mkdir(ownState, 0o700); err != nil {
 		t.Fatal(err)
 	}

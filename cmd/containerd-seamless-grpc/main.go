@@ -54,6 +54,7 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, bool, error) {
 		configPath  = fs.String("config", config.DefaultPath, "configuration file (TOML)")
 		root        = fs.String("root", "", "snapshotter root directory (default "+config.DefaultRoot+")")
 		address     = fs.String("address", "", "gRPC unix socket for containerd (default "+config.DefaultAddress+")")
+		apiAddress  = fs.String("api-address", "", "HTTP API unix socket (default api.sock beside --address)")
 		logLevel    = fs.String("log-level", "", "trace, debug, info, warn, error (default "+config.DefaultLogLevel+")")
 		showVersion = fs.Bool("version", false, "print the version and exit")
 	)
@@ -80,6 +81,9 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, bool, error) {
 	}
 	if set["address"] {
 		cfg.Address = *address
+	}
+	if set["api-address"] {
+		cfg.APIAddress = *apiAddress
 	}
 	if set["log-level"] {
 		cfg.LogLevel = *logLevel

@@ -110,6 +110,7 @@ func testConfig(t *testing.T) config.Config {
 		Root:     filepath.Join(dir, "root"),
 		Address:  filepath.Join(dir, "run", "s.sock"),
 		LogLevel: "info",
+		Commit:   config.DefaultCommit(),
 	}
 }
 
@@ -117,7 +118,7 @@ func TestSocketIsRootOnlyAndRemovedOnStop(t *testing.T) {
 	testutil.RequireRoot(t)
 	cfg := testConfig(t)
 	stop := startServe(t, cfg)
-	for path, want := range map[string]os.FileMode{cfg.Address: 0o600, filepath.Dir(cfg.Address): 0o700, cfg.Root: 0o700} {
+	for path, want := range map[string]os.FileMode{cfg.Address: 0o600, cfg.APISocket(): 0o600, filepath.Dir(cfg.Address): 0o700, cfg.Root: 0o700} {
 		fi, err := os.Stat(path)
 		if err != nil {
 			t.Fatal(err)
@@ -129,8 +130,10 @@ func TestSocketIsRootOnlyAndRemovedOnStop(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Fatalf("clean stop returned %v", err)
 	}
-	if _, err := os.Lstat(cfg.Address); !os.IsNotExist(err) {
-		t.Errorf("socket left behind after stop: %v", err)
+	for _, sock := range []string{cfg.Address, cfg.APISocket()} {
+		if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+			t.Errorf("socket %s left behind after stop: %v", sock, err)
+		}
 	}
 }
 

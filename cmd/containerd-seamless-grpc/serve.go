@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -17,6 +18,7 @@ import (
 	"github.com/containerd/log"
 	"google.golang.org/grpc"
 
+	"github.com/seamless-snapshotter/seamless-snapshotter/api"
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
@@ -30,7 +32,9 @@ func serve(ctx context.Context, cfg config.Config) error {
 	if err := checkRootWritable(cfg.Root); err != nil {
 		return err
 	}
-	sn, err := snapshotter.New(ctx, cfg.Root, snapshotter.ConfigOptions(cfg.Snapshotter)...)
+	metrics := api.NewMetrics()
+	opts := append(snapshotter.ConfigOptions(cfg.Snapshotter, cfg.Commit), snapshotter.WithCommitObserver(metrics.Observe))
+	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
 	if err != nil {
 		return err
 	}
@@ -46,16 +50,36 @@ func serve(ctx context.Context, cfg config.Config) error {
 	}
 	defer os.Remove(cfg.Address)
 
+	apiSocket := cfg.APISocket()
+	al, err := listenUnix(apiSocket)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	defer os.Remove(apiSocket)
+
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	httpSrv := &http.Server{
+		Handler:           api.Handler(sn, metrics),
+		ReadHeaderTimeout: 10 * time.Second,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+	}
 
-	errCh := make(chan error, 1)
+	errCh := make(chan error, 2)
 	go func() { errCh <- srv.Serve(l) }()
+	go func() {
+		if err := httpSrv.Serve(al); !errors.Is(err, http.ErrServerClosed) {
+			errCh <- fmt.Errorf("API: %w", err)
+		}
+	}()
 	log.G(ctx).WithFields(log.Fields{
 		"address":       cfg.Address,
+		"api_address":   apiSocket,
 		"root":          cfg.Root,
 		"version":       version,
 		"mount_options": sn.MountOptions(),
+		"strategy":      sn.Strategy(),
 	}).Info("containerd-seamless-grpc ready")
 
 	select {
@@ -64,6 +88,11 @@ func serve(ctx context.Context, cfg config.Config) error {
 	case <-ctx.Done():
 	}
 	log.G(ctx).Info("stopping")
+	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), gracefulStopTimeout)
+	defer cancel()
+	if err := httpSrv.Shutdown(shutdownCtx); err != nil {
+		httpSrv.Close()
+	}
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()

@@ -131,6 +131,21 @@ func Require(t testing.TB) {
 // do not need every component.
 func RequireBinaries(t testing.TB, names ...string) {
 	t.Helper()
+	problems := MissingPrerequisites(names...)
+	if len(problems) == 0 {
+		return
+	}
+	msg := "end-to-end test prerequisites missing: " + strings.Join(problems, "; ")
+	if os.Getenv(EnvCI) == "true" {
+		t.Fatalf("%s (CI=true, refusing to skip)", msg)
+	}
+	t.Skip(msg)
+}
+
+// MissingPrerequisites returns what prevents an Env with the named
+// binaries from running here (not root, binaries not found), one problem
+// per element, or nil. Programs use it where tests use Require.
+func MissingPrerequisites(names ...string) []string {
 	var problems []string
 	if os.Geteuid() != 0 {
 		problems = append(problems, "must run as root")
@@ -140,14 +155,7 @@ func RequireBinaries(t testing.TB, names ...string) {
 			problems = append(problems, err.Error())
 		}
 	}
-	if len(problems) == 0 {
-		return
-	}
-	msg := "end-to-end test prerequisites missing: " + strings.Join(problems, "; ")
-	if os.Getenv(EnvCI) == "true" {
-		t.Fatalf("%s (CI=true, refusing to skip)", msg)
-	}
-	t.Skip(msg)
+	return problems
 }
 
 // HasBinary reports whether FindBinary finds name.

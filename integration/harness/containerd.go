@@ -13,7 +13,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"testing"
+	"syscall"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
@@ -75,7 +75,7 @@ type Containerd struct {
 // run it. When the test ends, remaining containers are removed (their
 // shims would otherwise outlive the test) and containerd is stopped. Setup
 // errors fail the test.
-func NewContainerd(t testing.TB, opts ContainerdOptions) *Containerd {
+func NewContainerd(t T, opts ContainerdOptions) *Containerd {
 	t.Helper()
 	if opts.Namespace == "" {
 		opts.Namespace = DefaultNamespace
@@ -256,6 +256,9 @@ func (c *Containerd) Restart(ctx context.Context) error {
 // Running reports whether the containerd process is up.
 func (c *Containerd) Running() bool { return c.proc.running() }
 
+// Pid is containerd's process id, 0 when it is not running.
+func (c *Containerd) Pid() int { return c.proc.pid() }
+
 // Address is containerd's gRPC socket.
 func (c *Containerd) Address() string { return c.address }
 
@@ -308,9 +311,19 @@ func (c *Containerd) Ctr(ctx context.Context, args ...string) (string, error) {
 	cmd.Env = c.env
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	// A container started by ctr can inherit ctr's output pipes; do not
-	// let them hold us past the context.
+	// When ctx ends, interrupt ctr rather than kill it: ctr forwards the
+	// signal to the process it runs (tasks exec, run) and exits with it.
+	// Killed between creating an exec's stdio FIFOs and opening them, ctr
+	// leaves the shim blocked for 30 s opening them (the timeout in
+	// containerd-shim-runc-v2's exec Start, v2.4.2), and deleting the
+	// task waits as long. Past WaitDelay ctr is killed anyway; the delay
+	// also stops a container that inherited ctr's output pipes from
+	// holding us past the context.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGINT) }
 	cmd.WaitDelay = 5 * time.Second
+	// Its own process group, so that a Ctrl-C on the terminal reaches the
+	// caller only, which cancels ctx, and not ctr directly.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Run(); err != nil {
 		return stdout.String(), fmt.Errorf("ctr %s: %w\nstdout:\n%s\nstderr:\n%s",
 			strings.Join(full, " "), err, stdout.Bytes(), stderr.Bytes())

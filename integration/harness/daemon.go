@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"testing"
 	"time"
 )
 
@@ -38,7 +37,7 @@ type Daemon struct {
 
 // NewDaemon prepares a daemon; call Start to run it. It is stopped when
 // the test ends. Setup errors fail the test.
-func NewDaemon(t testing.TB, opts DaemonOptions) *Daemon {
+func NewDaemon(t T, opts DaemonOptions) *Daemon {
 	t.Helper()
 	bin, err := FindBinary(BinDaemon)
 	if err != nil {

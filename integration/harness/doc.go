@@ -11,6 +11,10 @@
 // Require skips a test (fails it with CI=true) when they are missing or the
 // test does not run as root.
 //
+// Everything takes a T, the part of testing.TB the harness uses, so that
+// programs can use the harness too: Runner implements T outside `go test`
+// and cleans up on return, on Fatal and on Ctrl-C (cmd/seamless-demo).
+//
 //	func TestSomething(t *testing.T) {
 //		harness.Require(t)
 //		env := harness.Start(t, harness.Options{})

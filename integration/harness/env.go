@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"testing"
 	"time"
 )
 
@@ -26,12 +25,27 @@ type Options struct {
 	// Containerd configures containerd. SnapshotterAddress defaults to the
 	// daemon's socket; the registry is added to RegistryHosts.
 	Containerd ContainerdOptions
+	// Ready, if set, is called by Start as each step completes, with the
+	// Env built so far and how long the step took; programs use it to
+	// report progress.
+	Ready func(e *Env, step Step, took time.Duration)
 }
+
+// Step is one step of Start, in order.
+type Step string
+
+// Steps of Start, reported to Options.Ready.
+const (
+	StepRegistry    Step = "registry"    // Env.Registry serves
+	StepDaemon      Step = "daemon"      // Env.Daemon accepts connections
+	StepContainerd  Step = "containerd"  // Env.Containerd serves
+	StepSnapshotter Step = "snapshotter" // containerd reaches the daemon
+)
 
 // Env is a registry, our daemon and a containerd that uses the daemon as
 // its "seamless" snapshotter, all private to one test.
 type Env struct {
-	t          testing.TB
+	t          T
 	Registry   *Registry // nil with Options.NoRegistry
 	Daemon     *Daemon   // nil with Options.NoDaemon
 	Containerd *Containerd
@@ -40,10 +54,17 @@ type Env struct {
 
 // Start brings up an Env and registers its teardown: containers first,
 // then containerd, the daemon and the registry. Failures end the test.
-func Start(t testing.TB, opts Options) *Env {
+func Start(t T, opts Options) *Env {
 	t.Helper()
 	ctx := t.Context()
 	e := &Env{t: t, logDir: t.TempDir()}
+	begin := time.Now()
+	ready := func(step Step) {
+		if opts.Ready != nil {
+			opts.Ready(e, step, time.Since(begin))
+		}
+		begin = time.Now()
+	}
 	if !opts.NoRegistry {
 		e.Registry = NewRegistry(t)
 		if err := e.Registry.Start(ctx); err != nil {
@@ -51,12 +72,14 @@ func Start(t testing.TB, opts Options) *Env {
 		}
 		// Clip: do not write into the caller's backing array.
 		opts.Containerd.RegistryHosts = append(slices.Clip(opts.Containerd.RegistryHosts), e.Registry.Addr())
+		ready(StepRegistry)
 	}
 	if !opts.NoDaemon {
 		e.Daemon = NewDaemon(t, opts.Daemon)
 		if err := e.Daemon.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
+		ready(StepDaemon)
 	}
 	if opts.Containerd.SnapshotterAddress == "" {
 		opts.Containerd.SnapshotterAddress = e.snapshotterAddress(t)
@@ -65,10 +88,12 @@ func Start(t testing.TB, opts Options) *Env {
 	if err := e.Containerd.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
+	ready(StepContainerd)
 	if e.Daemon != nil {
 		if err := e.WaitForSnapshotter(ctx); err != nil {
 			t.Fatal(err)
 		}
+		ready(StepSnapshotter)
 	}
 	return e
 }
@@ -98,7 +123,7 @@ func (e *Env) WaitForSnapshotter(ctx context.Context) error {
 // snapshotterAddress is the daemon's socket, or without a daemon a path
 // where nothing listens: containerd connects to proxies lazily, so it
 // starts anyway and tests can see how it behaves with the proxy down.
-func (e *Env) snapshotterAddress(t testing.TB) string {
+func (e *Env) snapshotterAddress(t T) string {
 	if e.Daemon != nil {
 		return e.Daemon.Socket()
 	}
@@ -210,9 +235,12 @@ func (e *Env) cleanupContainer(id string) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 		defer cancel()
+		begin := time.Now()
 		if err := e.DeleteContainer(ctx, id); err != nil {
 			e.t.Errorf("removing container %s: %v", id, err)
+			return
 		}
+		e.t.Logf("container %s: removed (if it existed) in %v", id, time.Since(begin).Round(time.Millisecond))
 	})
 }
 

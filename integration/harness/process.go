@@ -12,7 +12,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -37,6 +36,10 @@ type process struct {
 	args    []string
 	env     []string
 	logPath string
+	// logf is the test's Logf. It is only called from start, waitReady,
+	// stop and kill, which run on the test's goroutines: testing panics
+	// on a Logf after the test has ended.
+	logf func(format string, args ...any)
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -48,8 +51,8 @@ type process struct {
 // if the test failed, show the end of its log. The log dump is registered
 // first so that it runs last (cleanups run in reverse) and includes the
 // shutdown.
-func newProcess(t testing.TB, name, path, logPath string) *process {
-	p := &process{name: name, path: path, logPath: logPath}
+func newProcess(t T, name, path, logPath string) *process {
+	p := &process{name: name, path: path, logPath: logPath, logf: t.Logf}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("%s log %s, last %d lines:\n%s", name, logPath, logTailLines, p.tail(logTailLines))
@@ -100,6 +103,7 @@ func (p *process) start(args, env []string) error {
 		return fmt.Errorf("starting %s: %w", p.name, err)
 	}
 	p.args, p.env, p.cmd = args, env, cmd
+	p.logf("%s: started pid %d: %s %s (log %s)", p.name, cmd.Process.Pid, p.path, strings.Join(args, " "), p.logPath)
 	done := make(chan struct{})
 	p.done = done
 	go func() {
@@ -190,12 +194,15 @@ func (p *process) stop(ctx context.Context) error {
 
 	ctx, cancel := context.WithTimeout(ctx, stopTimeout)
 	defer cancel()
+	begin := time.Now()
+	p.logf("%s: stopping pid %d (SIGTERM)", p.name, pid)
 	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return fmt.Errorf("sending SIGTERM to %s (pid %d): %w", p.name, pid, err)
 	}
 	select {
 	case <-done:
 		killGroup(pid)
+		p.logf("%s: pid %d exited after %v", p.name, pid, time.Since(begin).Round(time.Millisecond))
 		return nil
 	case <-ctx.Done():
 	}
@@ -214,6 +221,7 @@ func (p *process) kill() error {
 	}
 	pid, done := p.cmd.Process.Pid, p.done
 	p.mu.Unlock()
+	p.logf("%s: killing pid %d and its process group (SIGKILL)", p.name, pid)
 	killGroup(pid)
 	<-done
 	return nil
@@ -248,9 +256,11 @@ func (p *process) waitReady(ctx context.Context, what string, check func(context
 	}
 	ticker := time.NewTicker(pollInterval)
 	defer ticker.Stop()
+	begin := time.Now()
 	var lastErr error
 	for {
 		if lastErr = check(ctx); lastErr == nil {
+			p.logf("%s: ready after %v (%s)", p.name, time.Since(begin).Round(time.Millisecond), what)
 			return nil
 		}
 		if err := p.exited(); err != nil {

@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"testing"
 )
 
 // Registry is a private distribution (v3) registry on 127.0.0.1, plain
@@ -24,7 +23,7 @@ type Registry struct {
 
 // NewRegistry prepares a registry on a free port; call Start to run it.
 // It is stopped when the test ends. Setup errors fail the test.
-func NewRegistry(t testing.TB) *Registry {
+func NewRegistry(t T) *Registry {
 	t.Helper()
 	bin, err := FindBinary(BinRegistry)
 	if err != nil {
@@ -110,6 +109,9 @@ func (r *Registry) Restart(ctx context.Context) error {
 
 // Running reports whether the registry process is up.
 func (r *Registry) Running() bool { return r.proc.running() }
+
+// Pid is the registry's process id, 0 when it is not running.
+func (r *Registry) Pid() int { return r.proc.pid() }
 
 // Addr is the registry's host:port, e.g. "127.0.0.1:40123".
 func (r *Registry) Addr() string { return r.addr }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"testing"
 )
 
 // UniqueID returns prefix followed by random hex digits. Every containerd
@@ -38,7 +37,7 @@ func freePort() (int, error) {
 // ends. It lives directly under /tmp rather than in t.TempDir() because a
 // socket path must fit in sun_path (108 bytes) and test temp dirs embed the
 // test name.
-func socketDir(t testing.TB) string {
+func socketDir(t T) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("/tmp", "sst-")
 	if err != nil {

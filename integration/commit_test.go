@@ -1,0 +1,243 @@
+//go:build linux
+
+package integration
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/api"
+	"github.com/seamless-snapshotter/seamless-snapshotter/integration/harness"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
+)
+
+// apiClient talks HTTP to the daemon's API socket.
+type apiClient struct {
+	http *http.Client
+}
+
+func newAPIClient(env *harness.Env) apiClient {
+	sock := filepath.Join(filepath.Dir(env.Daemon.Socket()), "api.sock")
+	return apiClient{http: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		},
+	}}}
+}
+
+// do sends a request and decodes the answer into out (or an api.Error).
+func (c apiClient) do(ctx context.Context, t *testing.T, method, path string, body any, out any) (int, api.Error) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://seamless"+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	var apiErr api.Error
+	if resp.StatusCode >= 400 {
+		if err := json.Unmarshal(data, &apiErr); err != nil {
+			t.Fatalf("%s %s: %d with a body that is not an API error: %s", method, path, resp.StatusCode, data)
+		}
+		return resp.StatusCode, apiErr
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			t.Fatalf("%s %s: %v: %s", method, path, err, data)
+		}
+	}
+	return resp.StatusCode, apiErr
+}
+
+// startWriterContainer runs testutil.WriterScript in a container on
+// seamless and waits until it has written.
+func startWriterContainer(ctx context.Context, t *testing.T, env *harness.Env, ref string) string {
+	t.Helper()
+	id := harness.UniqueID("commit-")
+	if err := env.RunDetached(ctx, id, ref, seamless, "sh", "-c", testutil.WriterScript); err != nil {
+		t.Fatal(err)
+	}
+	if err := harness.WaitFor(ctx, 20*time.Millisecond, func(ctx context.Context) (bool, error) {
+		_, err := env.Exec(ctx, id, "test", "-s", "/log")
+		return err == nil, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func taskStatus(ctx context.Context, t *testing.T, c *containerd.Client, id string) containerd.ProcessStatus {
+	t.Helper()
+	ctr, err := c.LoadContainer(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	task, err := ctr.Task(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := task.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Status
+}
+
+// TestSeamlessCommit commits a container while it writes, through the
+// label (ctr snapshots label) and through the API, and checks that every
+// capture is a state the writer passed through, that the container keeps
+// running, and that bad requests get clear errors.
+func TestSeamlessCommit(t *testing.T) {
+	ctx, env, ref := setup(t, seamless)
+	c := client(ctx, t, env)
+	apic := newAPIClient(env)
+	id := startWriterContainer(ctx, t, env, ref)
+	target := env.Registry.Ref("committed/app")
+
+	t.Run("label", func(t *testing.T) {
+		if _, err := env.Ctr(ctx, "snapshots", "--snapshotter", seamless, "label", id, snapshotter.LabelCommit+"="+target+":label"); err != nil {
+			t.Fatal(err)
+		}
+		var list struct{ Commits []api.Commit }
+		if err := harness.WaitFor(ctx, 20*time.Millisecond, func(ctx context.Context) (bool, error) {
+			apic.do(ctx, t, "GET", "/api/v1/commits?container="+id, nil, &list)
+			return len(list.Commits) == 1 && list.Commits[0].State != snapshotter.StateCapturing, nil
+		}); err != nil {
+			t.Fatalf("no commit after the label: %+v", list)
+		}
+		rec := list.Commits[0]
+		if rec.State != snapshotter.StatePending || !rec.Frozen || rec.Target != target+":label" {
+			t.Fatalf("label commit recorded %+v", rec)
+		}
+		n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+		t.Logf("label commit: step %d, pause %.2f ms, strategy %s", n, rec.PauseMillis, rec.Strategy)
+	})
+
+	t.Run("api", func(t *testing.T) {
+		last := 0
+		for i := range 5 {
+			var rec api.Commit
+			status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: fmt.Sprintf("%s:v%d", target, i)}, &rec)
+			if status != http.StatusCreated {
+				t.Fatalf("commit %d: %d %+v", i, status, apiErr)
+			}
+			if rec.State != snapshotter.StatePending || !rec.Frozen || rec.PauseMillis <= 0 || rec.CapturedAt.IsZero() {
+				t.Fatalf("commit %d recorded %+v", i, rec)
+			}
+			n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+			if n <= last {
+				t.Errorf("commit %d at step %d, not after %d", i, n, last)
+			}
+			last = n
+			t.Logf("api commit %d: step %d, pause %.2f ms, %d pre-copy rounds", i, n, rec.PauseMillis, rec.PreCopyRounds)
+			var got api.Commit
+			if status, _ := apic.do(ctx, t, "GET", "/api/v1/commits/"+rec.ID, nil, &got); status != 200 || got.ID != rec.ID {
+				t.Fatalf("GET commit: %d %+v", status, got)
+			}
+		}
+		if st := taskStatus(ctx, t, c, id); st != containerd.Running {
+			t.Fatalf("container is %s after the commits", st)
+		}
+		assertLogGrows(ctx, t, env, id)
+	})
+
+	t.Run("paused by the user stays paused", func(t *testing.T) {
+		if _, err := env.Ctr(ctx, "tasks", "pause", id); err != nil {
+			t.Fatal(err)
+		}
+		var rec api.Commit
+		if status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: target + ":paused"}, &rec); status != http.StatusCreated {
+			t.Fatalf("%d %+v", status, apiErr)
+		}
+		testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+		if st := taskStatus(ctx, t, c, id); st != containerd.Paused {
+			t.Fatalf("a container the user paused is %s after a commit", st)
+		}
+		if _, err := env.Ctr(ctx, "tasks", "resume", id); err != nil {
+			t.Fatal(err)
+		}
+		assertLogGrows(ctx, t, env, id)
+	})
+
+	t.Run("bad requests", func(t *testing.T) {
+		for _, tc := range []struct {
+			name   string
+			req    api.CommitRequest
+			status int
+			code   string
+		}{
+			{"unknown container", api.CommitRequest{Namespace: "default", Container: "nope", Target: target}, 404, "CONTAINER_NOT_FOUND"},
+			{"wrong namespace", api.CommitRequest{Namespace: "k8s.io", Container: id, Target: target}, 404, "CONTAINER_NOT_FOUND"},
+			{"invalid reference", api.CommitRequest{Namespace: "default", Container: id, Target: "Not A Ref"}, 400, snapshotter.CodeInvalidReference},
+			{"committed layer", api.CommitRequest{SnapshotKey: "nope/1/x", Target: target}, 404, snapshotter.CodeSnapshotNotFound},
+			{"pause budget exceeded", api.CommitRequest{Namespace: "default", Container: id, Target: target, PauseBudget: "1ns"}, 503, snapshotter.CodePauseBudgetExceeded},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", tc.req, nil)
+				if status != tc.status || apiErr.Error.Code != tc.code {
+					t.Fatalf("got %d %+v, want %d %s", status, apiErr, tc.status, tc.code)
+				}
+				if st := taskStatus(ctx, t, c, id); st != containerd.Running {
+					t.Fatalf("container is %s after a refused commit", st)
+				}
+			})
+		}
+		// A bad label fails the label command, and is not stored.
+		out, err := env.Ctr(ctx, "snapshots", "--snapshotter", seamless, "label", id, snapshotter.LabelCommit+"=Not A Ref")
+		if err == nil || !strings.Contains(err.Error(), "not a valid image reference") {
+			t.Fatalf("bad label accepted: %s %v", out, err)
+		}
+	})
+
+	t.Run("metrics", func(t *testing.T) {
+		resp, err := apic.http.Get("http://seamless/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		for _, want := range []string{"seamless_commit_pause_seconds_bucket", `outcome="captured"`, `outcome="PAUSE_BUDGET_EXCEEDED"`} {
+			if !bytes.Contains(body, []byte(want)) {
+				t.Errorf("metrics lack %s", want)
+			}
+		}
+	})
+}
+
+func assertLogGrows(ctx context.Context, t *testing.T, env *harness.Env, id string) {
+	t.Helper()
+	size := func() string {
+		out, err := env.Exec(ctx, id, "wc", "-l", "/log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Fields(out)[0]
+	}
+	first := size()
+	if err := harness.WaitFor(ctx, 20*time.Millisecond, func(context.Context) (bool, error) {
+		return size() != first, nil
+	}); err != nil {
+		t.Fatalf("the container stopped writing: %v", err)
+	}
+}

@@ -1,0 +1,506 @@
+//go:build linux
+
+package snapshotter
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/distribution/reference"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/capture"
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
+)
+
+// Labels that ask for a seamless commit. containerd passes a label to a
+// proxy snapshotter only if its key starts with containerd.io/snapshot/, so
+// ours do:
+//
+//	containerd.io/snapshot/seamless.commit=<image reference>
+//	containerd.io/snapshot/seamless.pause-budget=<duration>   (optional)
+const (
+	LabelCommit      = "containerd.io/snapshot/seamless.commit"
+	LabelPauseBudget = "containerd.io/snapshot/seamless.pause-budget"
+	labelPrefix      = "containerd.io/snapshot/seamless."
+)
+
+// Error codes of failed commit requests; stable, for API clients.
+const (
+	CodeSnapshotNotFound    = "SNAPSHOT_NOT_FOUND"
+	CodeAmbiguousContainer  = "CONTAINER_AMBIGUOUS"
+	CodeNotActive           = "NOT_ACTIVE"
+	CodeInvalidReference    = "INVALID_REFERENCE"
+	CodeInvalidOption       = "INVALID_OPTION"
+	CodeCommitInProgress    = "COMMIT_IN_PROGRESS"
+	CodePauseBudgetExceeded = "PAUSE_BUDGET_EXCEEDED"
+	CodeCaptureFailed       = "CAPTURE_FAILED"
+	CodeInterrupted         = "INTERRUPTED"
+)
+
+// CommitError is a failed commit request: a stable code for machines, the
+// wrapped error (with its errdefs class) for people.
+type CommitError struct {
+	Code string
+	Err  error
+}
+
+func (e *CommitError) Error() string { return e.Err.Error() }
+func (e *CommitError) Unwrap() error { return e.Err }
+
+func commitErr(code string, class error, format string, args ...any) error {
+	return &CommitError{Code: code, Err: fmt.Errorf(format+": %w", append(args, class)...)}
+}
+
+// ErrorCode returns the commit error code of err, or "" if it has none.
+func ErrorCode(err error) string {
+	var ce *CommitError
+	if errors.As(err, &ce) {
+		return ce.Code
+	}
+	return ""
+}
+
+// CommitRequest asks for a seamless commit of an active snapshot.
+type CommitRequest struct {
+	// Key is the backend key of the active snapshot.
+	Key string
+	// Target is the image reference the result is published to.
+	Target string
+	// PauseBudget overrides the configured budget when non-zero.
+	PauseBudget time.Duration
+}
+
+// normalise validates the request and fills in defaults.
+func (r *CommitRequest) normalise(defaults config.Commit) error {
+	named, err := reference.ParseDockerRef(r.Target)
+	if err != nil {
+		return commitErr(CodeInvalidReference, errdefs.ErrInvalidArgument, "target %q is not a valid image reference (%v)", r.Target, err)
+	}
+	r.Target = named.String()
+	if r.PauseBudget == 0 {
+		r.PauseBudget = time.Duration(defaults.PauseBudget)
+	}
+	if r.PauseBudget < 0 || r.PauseBudget > time.Minute {
+		return commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "pause budget %v must be positive and at most 1m", r.PauseBudget)
+	}
+	return nil
+}
+
+// commitRequestFromLabels reads a commit request from labels that an
+// Update sets. ok is false when the update does not ask for a commit: the
+// commit label is absent, empty, or neither named in fieldpaths nor changed.
+func commitRequestFromLabels(key string, before, after map[string]string, fieldpaths []string) (req CommitRequest, ok bool, err error) {
+	target := after[LabelCommit]
+	if target == "" {
+		return req, false, nil
+	}
+	named := len(fieldpaths) == 0
+	for _, p := range fieldpaths {
+		if p == "labels" || p == "labels."+LabelCommit {
+			named = true
+		}
+	}
+	if !named && before[LabelCommit] == target {
+		return req, false, nil
+	}
+	req = CommitRequest{Key: key, Target: target}
+	for k, v := range after {
+		if !strings.HasPrefix(k, labelPrefix) || k == LabelCommit {
+			continue
+		}
+		switch k {
+		case LabelPauseBudget:
+			d, perr := time.ParseDuration(v)
+			if perr != nil {
+				return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "label %s=%q is not a duration", k, v)
+			}
+			req.PauseBudget = d
+		default:
+			return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "unknown seamless label %s (known: %s, %s)", k, LabelCommit, LabelPauseBudget)
+		}
+	}
+	return req, true, nil
+}
+
+func newCommitID() string {
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	return strconv.FormatInt(time.Now().UnixMilli(), 36) + "-" + hex.EncodeToString(b)
+}
+
+// reservation marks a snapshot as being captured; one capture at a time
+// per snapshot.
+type reservation struct {
+	o          *Snapshotter
+	snapshotID string
+}
+
+func (o *Snapshotter) reserve(snapshotID, commitID string) (*reservation, error) {
+	o.capturingMu.Lock()
+	defer o.capturingMu.Unlock()
+	if other, busy := o.capturing[snapshotID]; busy {
+		return nil, commitErr(CodeCommitInProgress, errdefs.ErrConflict, "commit %s is already capturing this snapshot", other)
+	}
+	o.capturing[snapshotID] = commitID
+	return &reservation{o: o, snapshotID: snapshotID}, nil
+}
+
+func (r *reservation) release() {
+	r.o.capturingMu.Lock()
+	delete(r.o.capturing, r.snapshotID)
+	r.o.capturingMu.Unlock()
+}
+
+// checkCommittable validates a request against the metadata: the key must
+// name an active snapshot. It returns the snapshot's ID.
+func checkCommittable(ctx context.Context, key string) (string, error) {
+	id, info, _, err := storage.GetInfo(ctx, key)
+	if errdefs.IsNotFound(err) {
+		return "", commitErr(CodeSnapshotNotFound, errdefs.ErrNotFound, "snapshot %q does not exist", key)
+	}
+	if err != nil {
+		return "", err
+	}
+	if info.Kind != snapshots.KindActive {
+		return "", commitErr(CodeNotActive, errdefs.ErrFailedPrecondition, "snapshot %q is %v: only an active (writable) snapshot can be committed", key, info.Kind)
+	}
+	return id, nil
+}
+
+// Capture commits an active snapshot seamlessly: it freezes the processes
+// using it, captures its writable layer at one instant, thaws them, and
+// records the capture with a pending job. It returns once the capture is
+// recorded (or has failed, in which case the failed record is returned
+// with the error).
+func (o *Snapshotter) Capture(ctx context.Context, req CommitRequest) (Commit, error) {
+	if err := req.normalise(o.commitCfg); err != nil {
+		return Commit{}, err
+	}
+	var snapshotID string
+	if err := withTransaction(ctx, o.ms, false, func(ctx context.Context, _ *bolt.Tx) (err error) {
+		snapshotID, err = checkCommittable(ctx, req.Key)
+		return err
+	}); err != nil {
+		return Commit{}, err
+	}
+	commitID := newCommitID()
+	res, err := o.reserve(snapshotID, commitID)
+	if err != nil {
+		return Commit{}, err
+	}
+	defer res.release()
+	return o.capture(ctx, req, snapshotID, commitID)
+}
+
+// startCapture runs an already validated and reserved capture in the
+// background, for the label trigger, which must not block containerd.
+func (o *Snapshotter) startCapture(req CommitRequest, snapshotID, commitID string, res *reservation) {
+	o.background.Add(1)
+	go func() {
+		defer o.background.Done()
+		defer res.release()
+		ctx := log.WithLogger(o.backgroundCtx, log.G(o.backgroundCtx).WithField("commit", commitID))
+		if _, err := o.capture(ctx, req, snapshotID, commitID); err != nil {
+			log.G(ctx).WithError(err).Warn("seamless commit requested by label failed")
+		}
+	}()
+}
+
+func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID, commitID string) (rec Commit, retErr error) {
+	now := time.Now().UTC()
+	rec = Commit{
+		ID:          commitID,
+		SnapshotKey: req.Key,
+		SnapshotID:  snapshotID,
+		Target:      req.Target,
+		State:       StateCapturing,
+		Strategy:    o.strategy,
+		CreatedAt:   now,
+		UpdatedAt:   now,
+	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"commit": commitID, "snapshot": req.Key}))
+	defer func() {
+		for _, observe := range o.observers {
+			observe(rec)
+		}
+	}()
+	// Recorded before anything touches the disk: a crash from here on
+	// leaves a record that recovery turns into a failure, and recovery
+	// removes the temporary capture.
+	if err := withTransaction(ctx, o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+		return putCommit(tx, rec)
+	}); err != nil {
+		return rec, fmt.Errorf("record commit: %w", err)
+	}
+	tmp := o.layout.CaptureTemp(commitID)
+	defer func() {
+		if retErr == nil {
+			return
+		}
+		if err := os.RemoveAll(tmp); err != nil {
+			log.G(ctx).WithError(err).Warn("failed to remove temporary capture; recovery will retry")
+		}
+		rec.State, rec.Error, rec.ErrorCode, rec.UpdatedAt = StateFailed, retErr.Error(), ErrorCode(retErr), time.Now().UTC()
+		if rec.ErrorCode == "" {
+			rec.ErrorCode = CodeCaptureFailed
+		}
+		if err := withTransaction(context.WithoutCancel(ctx), o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+			return putCommit(tx, rec)
+		}); err != nil {
+			log.G(ctx).WithError(err).Error("failed to record the failure of a commit")
+		}
+	}()
+
+	upper := o.layout.UpperDir(snapshotID)
+	pids, err := freeze.ProcessesUsing(ctx, upper)
+	if err != nil {
+		return rec, fmt.Errorf("find the processes using the snapshot: %w", err)
+	}
+	cgroups, err := freeze.CgroupsOf(ctx, pids)
+	if err != nil {
+		return rec, fmt.Errorf("find the cgroups to freeze: %w", err)
+	}
+	if err := os.MkdirAll(o.layout.CapturesDir(), 0o700); err != nil {
+		return rec, err
+	}
+	copier, err := capture.NewCopier(upper, tmp, capture.Options{Reflink: o.strategy == config.StrategyReflink})
+	if err != nil {
+		return rec, fmt.Errorf("prepare capture: %w", err)
+	}
+
+	// Pre-copy while the container runs, until a round has little left
+	// to do.
+	for rec.PreCopyRounds < o.commitCfg.PreCopyRounds {
+		stats, err := copier.PreCopy(ctx)
+		if err != nil {
+			return rec, fmt.Errorf("pre-copy round %d: %w", rec.PreCopyRounds+1, err)
+		}
+		rec.PreCopyRounds++
+		rec.CaptureBytes += stats.CopiedBytes
+		log.G(ctx).WithFields(log.Fields{"round": rec.PreCopyRounds, "dirty": stats.Dirty, "bytes": stats.CopiedBytes, "took": stats.Duration}).Debug("pre-copy round")
+		if stats.Dirty <= int64(o.commitCfg.PreCopyConverged) {
+			break
+		}
+	}
+
+	final, pause, frozen, err := o.freezeAndCapture(ctx, commitID, copier, cgroups, req.PauseBudget)
+	rec.Pause, rec.Frozen = pause, frozen
+	if err != nil {
+		return rec, err
+	}
+	rec.CapturedAt = final.at
+	rec.CaptureBytes += final.stats.CopiedBytes
+	rec.CaptureEntries = final.stats.Entries
+	// Durable before it is recorded: the capture must survive a crash once
+	// the commit says it exists.
+	if err := copier.Sync(); err != nil {
+		return rec, fmt.Errorf("sync capture: %w", err)
+	}
+
+	err = withTransaction(ctx, o.ms, true, func(ctx context.Context, tx *bolt.Tx) error {
+		// The snapshot may have been removed while it was captured; the
+		// capture is still a faithful copy, but say so in the log.
+		if _, err := checkCommittable(ctx, req.Key); err != nil {
+			log.G(ctx).WithError(err).Info("snapshot changed during capture; keeping the capture")
+		}
+		gen, err := nextGeneration(tx, snapshotID)
+		if err != nil {
+			return err
+		}
+		rec.Generation = gen
+		rec.State = StatePending
+		rec.UpdatedAt = time.Now().UTC()
+		if err := putCommit(tx, rec); err != nil {
+			return err
+		}
+		// Inside the transaction: if the commit fails, the rename is
+		// undone below and the record stays "capturing" for recovery.
+		return os.Rename(tmp, o.layout.CaptureDir(commitID))
+	})
+	if err != nil {
+		if rerr := os.Rename(o.layout.CaptureDir(commitID), tmp); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			log.G(ctx).WithError(rerr).Error("failed to undo capture rename")
+		}
+		return rec, fmt.Errorf("record capture: %w", err)
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"pause": rec.Pause, "frozen": rec.Frozen, "strategy": rec.Strategy,
+		"rounds": rec.PreCopyRounds, "entries": rec.CaptureEntries, "bytes": rec.CaptureBytes,
+	}).Info("seamless commit captured")
+	return rec, nil
+}
+
+type finalRound struct {
+	stats capture.Stats
+	at    time.Time
+}
+
+// freezeAndCapture is the pause: freeze, final copy round, thaw, all within
+// the budget. The cgroups about to be frozen are recorded durably first, so
+// that a daemon killed while they are frozen thaws them when it starts
+// again.
+func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, copier *capture.Copier, cgroups []freeze.Cgroup, budget time.Duration) (finalRound, time.Duration, bool, error) {
+	var final finalRound
+	if len(cgroups) == 0 {
+		// Nothing runs on the snapshot: nothing can change under us.
+		final.at = time.Now().UTC()
+		stats, err := copier.Final(ctx, nil)
+		final.stats = stats
+		if err != nil {
+			return final, 0, false, fmt.Errorf("capture: %w", err)
+		}
+		return final, 0, false, nil
+	}
+
+	budgetCtx, cancel := context.WithTimeout(ctx, budget)
+	defer cancel()
+	// The pause starts when the freeze is requested, after the intent is
+	// durable: recording it (an fsync) does not stop the container.
+	start := time.Now()
+	frozen, err := freeze.Freeze(budgetCtx, cgroups, freeze.WithIntent(func(ctx context.Context, paths []string) error {
+		err := withTransaction(ctx, o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+			return putFreezeIntent(tx, commitID, paths)
+		})
+		start = time.Now()
+		return err
+	}))
+	if err != nil {
+		o.clearFreezeIntent(ctx, commitID)
+		return final, time.Since(start), false, budgetError(err, budget, "freeze")
+	}
+	final.at = time.Now().UTC()
+	frozenAt := time.Since(start)
+	mapped, err := freeze.SharedWritableMappings(budgetCtx, frozenPIDs(frozen))
+	if err == nil {
+		final.stats, err = copier.Final(budgetCtx, mapped)
+	}
+	copied := time.Since(start)
+	thawErr := frozen.Thaw(context.WithoutCancel(ctx))
+	pause := time.Since(start)
+	log.G(ctx).WithFields(log.Fields{
+		"freeze": frozenAt, "capture": copied - frozenAt, "thaw": pause - copied,
+		"dirty": final.stats.Dirty, "mapped": len(mapped),
+	}).Debug("pause")
+	if thawErr != nil {
+		// Keep the intent: recovery retries the thaw.
+		return final, pause, true, fmt.Errorf("thaw after capture: %w", thawErr)
+	}
+	o.clearFreezeIntent(ctx, commitID)
+	if err != nil {
+		return final, pause, true, budgetError(err, budget, "capture")
+	}
+	return final, pause, true, nil
+}
+
+// frozenPIDs lists the processes in the frozen cgroups now, including any
+// started since they were found.
+func frozenPIDs(f *freeze.Frozen) []int {
+	var pids []int
+	for _, cg := range f.Cgroups() {
+		data, err := os.ReadFile(filepath.Join(cg.Path, "cgroup.procs"))
+		if err != nil {
+			pids = append(pids, cg.PIDs...)
+			continue
+		}
+		for _, f := range strings.Fields(string(data)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	return pids
+}
+
+func budgetError(err error, budget time.Duration, phase string) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return &CommitError{Code: CodePauseBudgetExceeded, Err: fmt.Errorf("%s did not finish within the pause budget of %v; the container was thawed and nothing was committed: %w", phase, budget, err)}
+	}
+	return fmt.Errorf("%s: %w", phase, err)
+}
+
+func (o *Snapshotter) clearFreezeIntent(ctx context.Context, commitID string) {
+	if err := withTransaction(context.WithoutCancel(ctx), o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+		return deleteFreezeIntent(tx, commitID)
+	}); err != nil {
+		log.G(ctx).WithError(err).Error("failed to clear freeze intent; the next start will thaw again (harmless)")
+	}
+}
+
+// GetCommit returns the record of a commit.
+func (o *Snapshotter) GetCommit(ctx context.Context, id string) (Commit, error) {
+	var c Commit
+	err := withTransaction(ctx, o.ms, false, func(_ context.Context, tx *bolt.Tx) (err error) {
+		c, err = getCommit(tx, id)
+		return err
+	})
+	return c, err
+}
+
+// ListCommits returns every commit record, oldest first.
+func (o *Snapshotter) ListCommits(ctx context.Context) ([]Commit, error) {
+	var all []Commit
+	err := withTransaction(ctx, o.ms, false, func(_ context.Context, tx *bolt.Tx) error {
+		return forEachCommit(tx, func(c Commit) error {
+			all = append(all, c)
+			return nil
+		})
+	})
+	return all, err
+}
+
+// FindActiveKey returns the backend key of the active snapshot named name
+// in a containerd namespace. containerd stores a snapshot its clients call
+// name as "<namespace>/<sequence>/<name>"; for ctr, nerdctl and CRI
+// containers, name is the container ID.
+func (o *Snapshotter) FindActiveKey(ctx context.Context, namespace, name string) (string, error) {
+	if namespace == "" || name == "" || strings.Contains(namespace, "/") {
+		return "", commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "namespace %q and container %q must both be given", namespace, name)
+	}
+	var matches []string
+	err := withTransaction(ctx, o.ms, false, func(ctx context.Context, _ *bolt.Tx) error {
+		return storage.WalkInfo(ctx, func(_ context.Context, info snapshots.Info) error {
+			rest, ok := strings.CutPrefix(info.Name, namespace+"/")
+			if !ok || info.Kind != snapshots.KindActive {
+				return nil
+			}
+			if seq, key, ok := strings.Cut(rest, "/"); ok && key == name && isDigits(seq) {
+				matches = append(matches, info.Name)
+			}
+			return nil
+		})
+	})
+	switch {
+	case err != nil:
+		return "", err
+	case len(matches) == 0:
+		return "", commitErr(CodeSnapshotNotFound, errdefs.ErrNotFound, "no active snapshot of container %q in namespace %q on this snapshotter", name, namespace)
+	case len(matches) > 1:
+		return "", commitErr(CodeAmbiguousContainer, errdefs.ErrConflict, "container %q in namespace %q matches several snapshots: %v", name, namespace, matches)
+	}
+	return matches[0], nil
+}
+
+func isDigits(s string) bool {
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return s != ""
+}

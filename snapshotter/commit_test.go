@@ -1,0 +1,420 @@
+//go:build linux
+
+package snapshotter
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
+)
+
+func TestCommitRequestFromLabels(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		before, after map[string]string
+		fieldpaths    []string
+		want          CommitRequest
+		ok            bool
+		code          string
+	}{
+		{name: "no label", after: map[string]string{"a": "b"}, fieldpaths: []string{"labels.a"}},
+		{name: "label set by name", after: map[string]string{LabelCommit: "reg/app:v1"}, fieldpaths: []string{"labels." + LabelCommit},
+			want: CommitRequest{Key: "k", Target: "reg/app:v1"}, ok: true},
+		{name: "same label again, named", before: map[string]string{LabelCommit: "reg/app:v1"}, after: map[string]string{LabelCommit: "reg/app:v1"},
+			fieldpaths: []string{"labels." + LabelCommit}, want: CommitRequest{Key: "k", Target: "reg/app:v1"}, ok: true},
+		{name: "other label updated, commit label untouched", before: map[string]string{LabelCommit: "reg/app:v1"},
+			after: map[string]string{LabelCommit: "reg/app:v1", "x": "y"}, fieldpaths: []string{"labels.x"}},
+		{name: "all labels replaced", after: map[string]string{LabelCommit: "reg/app:v2"},
+			want: CommitRequest{Key: "k", Target: "reg/app:v2"}, ok: true},
+		{name: "cleared", before: map[string]string{LabelCommit: "reg/app:v1"}, after: map[string]string{}, fieldpaths: []string{"labels." + LabelCommit}},
+		{name: "with pause budget", after: map[string]string{LabelCommit: "reg/app", LabelPauseBudget: "80ms"}, fieldpaths: []string{"labels." + LabelCommit},
+			want: CommitRequest{Key: "k", Target: "reg/app", PauseBudget: 80 * time.Millisecond}, ok: true},
+		{name: "bad pause budget", after: map[string]string{LabelCommit: "reg/app", LabelPauseBudget: "soon"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
+		{name: "unknown option label", after: map[string]string{LabelCommit: "reg/app", labelPrefix + "squash": "1"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok, err := commitRequestFromLabels("k", tc.before, tc.after, tc.fieldpaths)
+			if tc.code != "" {
+				if ErrorCode(err) != tc.code || !errdefs.IsInvalidArgument(err) {
+					t.Fatalf("got %v (code %q), want code %s", err, ErrorCode(err), tc.code)
+				}
+				return
+			}
+			if err != nil || ok != tc.ok || got != tc.want {
+				t.Fatalf("got %+v %v %v, want %+v %v", got, ok, err, tc.want, tc.ok)
+			}
+		})
+	}
+}
+
+// newCommitFixture opens a snapshotter with a committed base layer holding
+// static busybox, and an active snapshot on it, mounted.
+func newCommitFixture(t *testing.T, opts ...Option) (*Snapshotter, string, string) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	busybox, err := exec.LookPath("busybox")
+	if err != nil {
+		testutil.SkipOrFail(t, "static busybox (Debian busybox-static) is needed: %v", err)
+	}
+	ctx := context.Background()
+	sn, root := openTest(t, opts...)
+	mounts, err := sn.Prepare(ctx, "base-active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(mounts[0].Source, "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(busybox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bin, "busybox"), data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("busybox", filepath.Join(bin, "sh")); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Commit(ctx, "base", "base-active"); err != nil {
+		t.Fatal(err)
+	}
+	const key = "default/7/container"
+	mounts, err = sn.Prepare(ctx, key, "base")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := t.TempDir()
+	if err := mount.All(mounts, mnt); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mount.UnmountAll(mnt, syscall.MNT_DETACH) })
+	_ = root
+	return sn, key, mnt
+}
+
+// startWriter runs, chrooted into the snapshot's mount and in a cgroup of
+// its own (as a container would be), a shell that appends step numbers to
+// /log and writes each step into one of 50 files /n.<step%50>.
+func startWriter(t *testing.T, mnt string) (pid int, cgroup string) {
+	t.Helper()
+	freezerRoot := "/sys/fs/cgroup/freezer"
+	if _, err := os.Stat(filepath.Join(freezerRoot, "freezer.state")); err != nil {
+		if _, err := os.Stat(freezerRoot); err != nil {
+			testutil.SkipOrFail(t, "this test needs the cgroup v1 freezer: %v", err)
+		}
+	}
+	b := make([]byte, 6)
+	rand.Read(b)
+	cgroup = filepath.Join(freezerRoot, "seamless-commit-test-"+hex.EncodeToString(b))
+	if err := os.Mkdir(cgroup, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("/bin/sh", "-c", testutil.WriterScript)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: mnt}
+	cmd.Dir = "/"
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		os.WriteFile(filepath.Join(cgroup, "freezer.state"), []byte("THAWED"), 0)
+		cmd.Process.Kill()
+		cmd.Wait()
+		for i := 0; i < 50; i++ {
+			if err := os.Remove(cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Errorf("cgroup %s left behind", cgroup)
+	})
+	if err := os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0); err != nil {
+		t.Fatal(err)
+	}
+	return cmd.Process.Pid, cgroup
+}
+
+func TestCaptureWhileWriting(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	pid, cgroup := startWriter(t, mnt)
+	time.Sleep(100 * time.Millisecond)
+
+	last := 0
+	for i := 1; i <= 5; i++ {
+		rec, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "registry.test/app:v" + strconv.Itoa(i)})
+		if err != nil {
+			t.Fatalf("commit %d: %v", i, err)
+		}
+		if rec.State != StatePending || rec.Generation != uint64(i) || !rec.Frozen || rec.Pause <= 0 {
+			t.Fatalf("commit %d recorded %+v", i, rec)
+		}
+		if rec.Target != "registry.test/app:v"+strconv.Itoa(i) {
+			t.Errorf("target %q", rec.Target)
+		}
+		n := testutil.CheckPointInTime(t, sn.layout.CaptureDir(rec.ID))
+		if n <= last {
+			t.Errorf("commit %d captured step %d, not after the previous capture's %d", i, n, last)
+		}
+		last = n
+		t.Logf("commit %d: step %d, pause %v, %d pre-copy rounds, strategy %s", i, n, rec.Pause, rec.PreCopyRounds, rec.Strategy)
+		got, err := sn.GetCommit(ctx, rec.ID)
+		if err != nil || got.State != StatePending {
+			t.Fatalf("GetCommit: %+v %v", got, err)
+		}
+	}
+	// The writer runs on, thawed.
+	st, err := (freeze.Cgroup{Path: cgroup, Version: freeze.V1}).State()
+	if err != nil || st != freeze.StateThawed {
+		t.Fatalf("cgroup state %v %v after the commits", st, err)
+	}
+	if err := syscall.Kill(pid, 0); err != nil {
+		t.Fatalf("writer died: %v", err)
+	}
+	all, err := sn.ListCommits(ctx)
+	if err != nil || len(all) != 5 {
+		t.Fatalf("ListCommits: %d records, %v", len(all), err)
+	}
+}
+
+func TestCaptureLeavesAUserPausedContainerPaused(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	_, cgroup := startWriter(t, mnt)
+	time.Sleep(50 * time.Millisecond)
+	cg := freeze.Cgroup{Path: cgroup, Version: freeze.V1}
+	if err := os.WriteFile(filepath.Join(cgroup, "freezer.state"), []byte("FROZEN"), 0); err != nil {
+		t.Fatal(err)
+	}
+	for st, _ := cg.State(); st != freeze.StateFrozen; st, _ = cg.State() {
+		time.Sleep(time.Millisecond)
+	}
+	rec, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "registry.test/app:paused"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.CheckPointInTime(t, sn.layout.CaptureDir(rec.ID))
+	if st, err := cg.State(); err != nil || st != freeze.StateFrozen {
+		t.Fatalf("a container the user paused was thawed: %v %v", st, err)
+	}
+}
+
+func TestCaptureWithoutProcesses(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	if err := os.WriteFile(filepath.Join(mnt, "hello"), []byte("world"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "app"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Frozen || rec.Pause != 0 || rec.Target != "docker.io/library/app:latest" {
+		t.Fatalf("recorded %+v", rec)
+	}
+	if data, err := os.ReadFile(filepath.Join(sn.layout.CaptureDir(rec.ID), "hello")); err != nil || string(data) != "world" {
+		t.Fatalf("capture holds %q, %v", data, err)
+	}
+	// Removing the snapshot (the container) keeps the commit.
+	if err := sn.Remove(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(sn.layout.CaptureDir(rec.ID), "hello")); err != nil {
+		t.Fatalf("capture lost with its snapshot: %v", err)
+	}
+	if _, err := sn.GetCommit(ctx, rec.ID); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCaptureBadRequests(t *testing.T) {
+	ctx := context.Background()
+	sn, key, _ := newCommitFixture(t)
+	if _, err := sn.View(ctx, "a-view", "base"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := sn.reserve(mustID(t, sn, key), "other-commit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		req   CommitRequest
+		code  string
+		class func(error) bool
+	}{
+		{"unknown snapshot", CommitRequest{Key: "nope", Target: "app"}, CodeSnapshotNotFound, errdefs.IsNotFound},
+		{"view", CommitRequest{Key: "a-view", Target: "app"}, CodeNotActive, errdefs.IsFailedPrecondition},
+		{"committed", CommitRequest{Key: "base", Target: "app"}, CodeNotActive, errdefs.IsFailedPrecondition},
+		{"invalid reference", CommitRequest{Key: key, Target: "UPPER/Case:tag"}, CodeInvalidReference, errdefs.IsInvalidArgument},
+		{"empty reference", CommitRequest{Key: key}, CodeInvalidReference, errdefs.IsInvalidArgument},
+		{"negative budget", CommitRequest{Key: key, Target: "app", PauseBudget: -time.Second}, CodeInvalidOption, errdefs.IsInvalidArgument},
+		{"commit in progress", CommitRequest{Key: key, Target: "app"}, CodeCommitInProgress, errdefs.IsConflict},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := sn.Capture(ctx, tc.req)
+			if ErrorCode(err) != tc.code || !tc.class(err) {
+				t.Fatalf("got %v (code %q), want %s", err, ErrorCode(err), tc.code)
+			}
+			entries, _ := os.ReadDir(sn.layout.CapturesDir())
+			if len(entries) != 0 {
+				t.Errorf("a refused request left %v in the captures", entries)
+			}
+		})
+	}
+	res.release()
+	if all, _ := sn.ListCommits(ctx); len(all) != 0 {
+		t.Errorf("refused requests recorded commits: %+v", all)
+	}
+}
+
+func mustID(t *testing.T, sn *Snapshotter, key string) string {
+	t.Helper()
+	var id string
+	if err := withTransaction(context.Background(), sn.ms, false, func(ctx context.Context, _ *bolt.Tx) (err error) {
+		id, err = checkCommittable(ctx, key)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func TestCaptureOverPauseBudget(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	_, cgroup := startWriter(t, mnt)
+	// A budget no freeze can meet.
+	rec, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "app", PauseBudget: time.Nanosecond})
+	if ErrorCode(err) != CodePauseBudgetExceeded {
+		t.Fatalf("got %v, want %s", err, CodePauseBudgetExceeded)
+	}
+	if rec.State != StateFailed {
+		t.Errorf("record %+v", rec)
+	}
+	got, err := sn.GetCommit(ctx, rec.ID)
+	if err != nil || got.State != StateFailed || got.ErrorCode != CodePauseBudgetExceeded {
+		t.Fatalf("stored %+v %v", got, err)
+	}
+	if st, _ := (freeze.Cgroup{Path: cgroup, Version: freeze.V1}).State(); st != freeze.StateThawed {
+		t.Fatalf("container left %v", st)
+	}
+	if entries, _ := os.ReadDir(sn.layout.CapturesDir()); len(entries) != 0 {
+		t.Errorf("failed capture left %v", entries)
+	}
+}
+
+// TestUpdateLabelTriggersCommit: the label path validates in Update and
+// captures in the background.
+func TestUpdateLabelTriggersCommit(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	if err := os.WriteFile(filepath.Join(mnt, "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Invalid requests fail the Update, and the label is not stored.
+	_, err := sn.Update(ctx, snapshots.Info{Name: key, Labels: map[string]string{LabelCommit: "Bad Ref"}}, "labels."+LabelCommit)
+	if !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("got %v", err)
+	}
+	if info, _ := sn.Stat(ctx, key); info.Labels[LabelCommit] != "" {
+		t.Fatalf("invalid label stored: %v", info.Labels)
+	}
+	if _, err := sn.Update(ctx, snapshots.Info{Name: "base", Labels: map[string]string{LabelCommit: "app"}}, "labels."+LabelCommit); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("label on a committed snapshot: got %v", err)
+	}
+
+	if _, err := sn.Update(ctx, snapshots.Info{Name: key, Labels: map[string]string{LabelCommit: "registry.test/app:label"}}, "labels."+LabelCommit); err != nil {
+		t.Fatal(err)
+	}
+	var rec Commit
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		all, err := sn.ListCommits(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(all) == 1 && all[0].State != StateCapturing {
+			rec = all[0]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no commit recorded: %+v", all)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if rec.State != StatePending || rec.Target != "registry.test/app:label" || rec.SnapshotKey != key {
+		t.Fatalf("recorded %+v", rec)
+	}
+}
+
+// TestRecoveryThawsAndCleans simulates a daemon killed while a container
+// was frozen for a capture: the next start thaws it, marks the commit
+// failed and removes the half-made capture.
+func TestRecoveryThawsAndCleans(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	_, cgroup := startWriter(t, mnt)
+	cg := freeze.Cgroup{Path: cgroup, Version: freeze.V1}
+	root := sn.layout.Root()
+
+	// What a crash in the middle of freezeAndCapture leaves behind.
+	rec := Commit{ID: newCommitID(), SnapshotKey: key, SnapshotID: mustID(t, sn, key), Target: "app", State: StateCapturing}
+	if err := withTransaction(ctx, sn.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+		if err := putCommit(tx, rec); err != nil {
+			return err
+		}
+		return putFreezeIntent(tx, rec.ID, []string{cgroup})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(sn.layout.CaptureTemp(rec.ID), "half"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(cgroup, "freezer.state"), []byte("FROZEN"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	sn2, err := New(ctx, root, WithCommitConfig(config.DefaultCommit()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn2.Close()
+	if st, err := cg.State(); err != nil || st != freeze.StateThawed {
+		t.Fatalf("container still %v after restart (%v)", st, err)
+	}
+	got, err := sn2.GetCommit(ctx, rec.ID)
+	if err != nil || got.State != StateFailed || got.ErrorCode != CodeInterrupted {
+		t.Fatalf("interrupted commit recorded as %+v (%v)", got, err)
+	}
+	if entries, _ := os.ReadDir(sn2.layout.CapturesDir()); len(entries) != 0 {
+		t.Fatalf("half-made capture left: %v", entries)
+	}
+	// And a new commit works.
+	if _, err := sn2.Capture(ctx, CommitRequest{Key: key, Target: "app"}); err != nil {
+		t.Fatal(err)
+	}
+}

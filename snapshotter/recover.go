@@ -1,0 +1,93 @@
+//go:build linux
+
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/log"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
+)
+
+// recover repairs what a crash (or kill -9) in the middle of a commit left:
+//   - cgroups recorded as frozen by us are thawed, so that no container
+//     stays frozen because its snapshotter died;
+//   - commits still "capturing" become failed;
+//   - temporary captures, and captures no commit record owns, are removed.
+//
+// It runs at start, before the snapshotter serves anything.
+func (o *Snapshotter) recover(ctx context.Context) error {
+	var (
+		intents     map[string][]string
+		interrupted []Commit
+		owned       = map[string]bool{}
+	)
+	if err := withTransaction(ctx, o.ms, false, func(_ context.Context, tx *bolt.Tx) (err error) {
+		if intents, err = freezeIntents(tx); err != nil {
+			return err
+		}
+		return forEachCommit(tx, func(c Commit) error {
+			switch c.State {
+			case StateCapturing:
+				interrupted = append(interrupted, c)
+			case StateFailed:
+			default:
+				owned[c.ID] = true
+			}
+			return nil
+		})
+	}); err != nil {
+		return err
+	}
+
+	for commitID, paths := range intents {
+		if err := freeze.ThawPaths(ctx, paths); err != nil {
+			// Leave the intent for the next start; say loudly that a
+			// container may still be frozen.
+			log.G(ctx).WithError(err).WithField("cgroups", paths).Error("failed to thaw cgroups frozen before a crash")
+			continue
+		}
+		log.G(ctx).WithFields(log.Fields{"commit": commitID, "cgroups": paths}).Warn("thawed cgroups left frozen by an interrupted commit")
+		if err := withTransaction(ctx, o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+			return deleteFreezeIntent(tx, commitID)
+		}); err != nil {
+			return err
+		}
+	}
+
+	for _, c := range interrupted {
+		c.State = StateFailed
+		c.ErrorCode = CodeInterrupted
+		c.Error = "the snapshotter stopped during the capture; the container was thawed and nothing was committed"
+		c.UpdatedAt = time.Now().UTC()
+		if err := withTransaction(ctx, o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+			return putCommit(tx, c)
+		}); err != nil {
+			return err
+		}
+		log.G(ctx).WithField("commit", c.ID).Warn("commit interrupted by a restart marked failed")
+	}
+
+	entries, err := os.ReadDir(o.layout.CapturesDir())
+	if err != nil {
+		return fmt.Errorf("read captures: %w", err)
+	}
+	for _, e := range entries {
+		if !overlay.IsCaptureTemp(e.Name()) && owned[e.Name()] {
+			continue
+		}
+		dir := filepath.Join(o.layout.CapturesDir(), e.Name())
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("remove abandoned capture: %w", err)
+		}
+		log.G(ctx).WithField("path", dir).Info("removed abandoned capture")
+	}
+	return nil
+}
