@@ -162,6 +162,8 @@ func benchName(b *testing.B, fs benchFS, root string) string {
 	return "copy-" + fsType(b, root)
 }
 
+// benchWorkers reads CAPTURE_WORKERS (Options.Workers; unset or 0: the
+// default), to compare the sequential and the parallel walk.
 func benchWorkers() int {
 	n, _ := strconv.Atoi(os.Getenv("CAPTURE_WORKERS"))
 	return n

@@ -93,7 +93,6 @@ func fidelityTree(t testing.TB, src, outside string) {
 	// Modes, owners, capabilities.
 	writeFile(t, p("mode000"), []byte("nobody may read"), 0o000)
 	writeFile(t, p("setuid"), []byte("#!/bin/true"), 0o755)
-	must(t, os.Chmod(p("setuid"), 0o4755|os.ModeSetuid))
 	must(t, unix.Chmod(p("setuid"), 0o4755))
 	writeFile(t, p("owned"), []byte("owned"), 0o640)
 	must(t, os.Lchown(p("owned"), 1234, 5678))
