@@ -241,3 +241,47 @@ func assertLogGrows(ctx context.Context, t *testing.T, env *harness.Env, id stri
 		t.Fatalf("the container stopped writing: %v", err)
 	}
 }
+
+// TestCommitStrategies: the daemon's root on ext4, xfs with reflink and
+// btrfs picks its capture strategy from the filesystem; on each, 20
+// commits in a row of a container writing without pause are each a state
+// the writer passed through at one instant.
+func TestCommitStrategies(t *testing.T) {
+	for _, tc := range []struct {
+		fstype   string
+		size     int64
+		strategy string
+	}{
+		{"ext4", 512 << 20, "copy"},
+		{"xfs", 512 << 20, "reflink"},
+		{"btrfs", 512 << 20, "reflink"},
+	} {
+		t.Run(tc.fstype, func(t *testing.T) {
+			harness.Require(t)
+			root := testutil.LoopFS(t, tc.fstype, tc.size)
+			ctx, env, ref := setupWith(t, harness.Options{Daemon: harness.DaemonOptions{Root: filepath.Join(root, "seamless")}}, seamless)
+			apic := newAPIClient(env)
+			id := startWriterContainer(ctx, t, env, ref)
+			last := 0
+			var pauses []float64
+			for i := range 20 {
+				var rec api.Commit
+				status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: fmt.Sprintf("strategy/%s:%d", tc.fstype, i)}, &rec)
+				if status != http.StatusCreated {
+					t.Fatalf("commit %d: %d %+v", i, status, apiErr)
+				}
+				if rec.Strategy != tc.strategy || !rec.Frozen {
+					t.Fatalf("commit %d: strategy %q frozen %v, want %s", i, rec.Strategy, rec.Frozen, tc.strategy)
+				}
+				n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+				if n <= last {
+					t.Fatalf("commit %d at step %d, not after %d", i, n, last)
+				}
+				last = n
+				pauses = append(pauses, rec.PauseMillis)
+			}
+			t.Logf("%s/%s: 20 commits, pauses (ms) %v", tc.fstype, tc.strategy, pauses)
+			assertLogGrows(ctx, t, env, id)
+		})
+	}
+}

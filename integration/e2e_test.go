@@ -42,9 +42,16 @@ func testContext(t *testing.T) context.Context {
 // snapshotters through containerd's transfer service.
 func setup(t *testing.T, snapshotters ...string) (context.Context, *harness.Env, string) {
 	t.Helper()
+	return setupWith(t, harness.Options{}, snapshotters...)
+}
+
+// setupWith is setup with harness options (e.g. the daemon's root on a
+// given filesystem).
+func setupWith(t *testing.T, opts harness.Options, snapshotters ...string) (context.Context, *harness.Env, string) {
+	t.Helper()
 	harness.Require(t)
 	ctx := testContext(t)
-	env := harness.Start(t, harness.Options{})
+	env := harness.Start(t, opts)
 	img, err := testimage.Build()
 	if err != nil {
 		t.Fatal(err)
