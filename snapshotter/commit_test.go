@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -416,5 +417,48 @@ func TestRecoveryThawsAndCleans(t *testing.T) {
 	// And a new commit works.
 	if _, err := sn2.Capture(ctx, CommitRequest{Key: key, Target: "app"}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCaptureDiskFull: a capture that runs out of space fails with a
+// clear error, leaves nothing behind, and the container's layer is
+// untouched.
+func TestCaptureDiskFull(t *testing.T) {
+	ctx := context.Background()
+	testutil.RequireRoot(t)
+	root := filepath.Join(testutil.LoopFS(t, "ext4", 64<<20), "seamless")
+	sn, err := New(ctx, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	mounts, err := sn.Prepare(ctx, "default/1/full", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	upper := mounts[0].Source
+	// 40 MiB of data fits once on a 64 MiB filesystem, not twice.
+	data := make([]byte, 40<<20)
+	for i := range data {
+		data[i] = byte(i)
+	}
+	if err := os.WriteFile(filepath.Join(upper, "big"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := sn.Capture(ctx, CommitRequest{Key: "default/1/full", Target: "app"})
+	if err == nil || !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("got %v, want an error wrapping ENOSPC", err)
+	}
+	t.Logf("the user sees: %v", err)
+	got, gerr := sn.GetCommit(ctx, rec.ID)
+	if gerr != nil || got.State != StateFailed || got.ErrorCode != CodeCaptureFailed || !strings.Contains(got.Error, "no space left") {
+		t.Fatalf("recorded %+v (%v)", got, gerr)
+	}
+	if entries, _ := os.ReadDir(sn.layout.CapturesDir()); len(entries) != 0 {
+		t.Fatalf("a failed capture left %v", entries)
+	}
+	back, err := os.ReadFile(filepath.Join(upper, "big"))
+	if err != nil || len(back) != len(data) || back[12345] != data[12345] {
+		t.Fatalf("the container's layer changed: %d bytes, %v", len(back), err)
 	}
 }
