@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -283,5 +284,52 @@ func TestCommitStrategies(t *testing.T) {
 			t.Logf("%s/%s: 20 commits, pauses (ms) %v", tc.fstype, tc.strategy, pauses)
 			assertLogGrows(ctx, t, env, id)
 		})
+	}
+}
+
+// TestConcurrentCommits: while one commit of a container is capturing, a
+// second is refused with COMMIT_IN_PROGRESS; the first completes.
+func TestConcurrentCommits(t *testing.T) {
+	ctx, env, ref := setup(t, seamless)
+	apic := newAPIClient(env)
+	id := harness.UniqueID("twice-")
+	// A large file keeps the first capture busy long enough to overlap.
+	if err := env.RunDetached(ctx, id, ref, seamless, "sh", "-c", "dd if=/dev/zero of=/big bs=1M count=512 2>/dev/null; touch /ready; sleep 100000"); err != nil {
+		t.Fatal(err)
+	}
+	if err := harness.WaitFor(ctx, 50*time.Millisecond, func(ctx context.Context) (bool, error) {
+		_, err := env.Exec(ctx, id, "test", "-e", "/ready")
+		return err == nil, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		status int
+		rec    api.Commit
+		err    api.Error
+	}
+	first := make(chan result, 1)
+	go func() {
+		var r result
+		r.status, r.err = apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: "twice/app:1"}, &r.rec)
+		first <- r
+	}()
+	captures := filepath.Join(env.Daemon.Root(), "captures")
+	if err := harness.WaitFor(ctx, time.Millisecond, func(context.Context) (bool, error) {
+		entries, _ := os.ReadDir(captures)
+		return len(entries) > 0, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: "twice/app:2"}, nil)
+	if status != http.StatusConflict || apiErr.Error.Code != snapshotter.CodeCommitInProgress {
+		t.Fatalf("second commit: %d %+v, want 409 %s", status, apiErr, snapshotter.CodeCommitInProgress)
+	}
+	r := <-first
+	if r.status != http.StatusCreated || r.rec.State != snapshotter.StatePending {
+		t.Fatalf("first commit: %d %+v %+v", r.status, r.rec, r.err)
+	}
+	if _, err := env.Exec(ctx, id, "true"); err != nil {
+		t.Fatalf("container not running: %v", err)
 	}
 }
