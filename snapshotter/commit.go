@@ -268,13 +268,9 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	}()
 
 	upper := o.layout.UpperDir(snapshotID)
-	pids, err := freeze.ProcessesUsing(ctx, upper)
+	cgroups, err := cgroupsUsing(ctx, upper)
 	if err != nil {
-		return rec, fmt.Errorf("find the processes using the snapshot: %w", err)
-	}
-	cgroups, err := freeze.CgroupsOf(ctx, pids)
-	if err != nil {
-		return rec, fmt.Errorf("find the cgroups to freeze: %w", err)
+		return rec, err
 	}
 	if err := os.MkdirAll(o.layout.CapturesDir(), 0o700); err != nil {
 		return rec, err
@@ -344,6 +340,33 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		"rounds": rec.PreCopyRounds, "entries": rec.CaptureEntries, "bytes": rec.CaptureBytes,
 	}).Info("seamless commit captured")
 	return rec, nil
+}
+
+// cgroupsUsing finds the cgroups of the processes using an upperdir. A
+// process entering the container (runc exec) has its root there a moment
+// before it joins the container's cgroup; CgroupsOf refuses to freeze the
+// cgroup it is still in, so look again a few times before giving up.
+func cgroupsUsing(ctx context.Context, upper string) ([]freeze.Cgroup, error) {
+	const attempts = 5
+	for i := 1; ; i++ {
+		pids, err := freeze.ProcessesUsing(ctx, upper)
+		if err != nil {
+			return nil, fmt.Errorf("find the processes using the snapshot: %w", err)
+		}
+		cgroups, err := freeze.CgroupsOf(ctx, pids)
+		if err == nil {
+			return cgroups, nil
+		}
+		if !errdefs.IsFailedPrecondition(err) || i == attempts {
+			return nil, fmt.Errorf("find the cgroups to freeze: %w", err)
+		}
+		log.G(ctx).WithError(err).Debug("a process using the snapshot is not in a container cgroup yet; looking again")
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(time.Duration(i) * 10 * time.Millisecond):
+		}
+	}
 }
 
 type finalRound struct {

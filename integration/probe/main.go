@@ -1,8 +1,9 @@
 // Command probe measures, from inside a container, how long the container
 // stalls: it spins reading the monotonic clock and remembers the longest
 // gap between two consecutive iterations. On SIGUSR1 it writes
-// "<seq> <longest gap in ns>\n" to -out (through a temporary file and a
-// rename, so that a reader never sees half of it) and starts a new window.
+// "<seq> <longest gap> <second longest gap> <sum of gaps over 1 ms>\n"
+// (ns) to -out (through a temporary file and a rename, so that a reader
+// never sees half of it) and starts a new window.
 // The file write is not part of any window.
 //
 // With -fill N it instead creates N files of 4-24 KiB under -dir and exits,
@@ -78,30 +79,37 @@ func spin(out string) error {
 		}
 	}()
 	runtime.LockOSThread()
-	var longest time.Duration
+	var longest, second, lost time.Duration
 	seq := 0
 	last := time.Now()
 	for {
 		now := time.Now()
-		if gap := now.Sub(last); gap > longest {
-			longest = gap
+		gap := now.Sub(last)
+		switch {
+		case gap > longest:
+			longest, second = gap, longest
+		case gap > second:
+			second = gap
+		}
+		if gap > time.Millisecond {
+			lost += gap
 		}
 		last = now
 		if requested.Load() {
 			requested.Store(false)
 			seq++
-			if err := publish(out, seq, longest); err != nil {
+			if err := publish(out, seq, longest, second, lost); err != nil {
 				return err
 			}
-			longest = 0
+			longest, second, lost = 0, 0, 0
 			last = time.Now()
 		}
 	}
 }
 
-func publish(out string, seq int, longest time.Duration) error {
+func publish(out string, seq int, longest, second, lost time.Duration) error {
 	tmp := out + ".tmp"
-	if err := os.WriteFile(tmp, fmt.Appendf(nil, "%d %d\n", seq, longest.Nanoseconds()), 0o644); err != nil {
+	if err := os.WriteFile(tmp, fmt.Appendf(nil, "%d %d %d %d\n", seq, longest, second, lost), 0o644); err != nil {
 		return err
 	}
 	return os.Rename(tmp, out)
