@@ -79,13 +79,29 @@ func startWriterContainer(ctx context.Context, t *testing.T, env *harness.Env, r
 	if err := env.RunDetached(ctx, id, ref, seamless, "sh", "-c", testutil.WriterScript); err != nil {
 		t.Fatal(err)
 	}
-	if err := harness.WaitFor(ctx, 20*time.Millisecond, func(ctx context.Context) (bool, error) {
-		_, err := env.Exec(ctx, id, "test", "-s", "/log")
-		return err == nil, nil
-	}); err != nil {
+	waitForFile(ctx, t, env, id, "/log")
+	return id
+}
+
+// runAndWaitFor starts a container running script and waits until the
+// script has created path (its signal that the set-up is done).
+func runAndWaitFor(ctx context.Context, t *testing.T, env *harness.Env, id, ref, script, path string) {
+	t.Helper()
+	if err := env.RunDetached(ctx, id, ref, seamless, "sh", "-c", script); err != nil {
 		t.Fatal(err)
 	}
-	return id
+	waitForFile(ctx, t, env, id, path)
+}
+
+// waitForFile waits until a non-empty file exists in a container.
+func waitForFile(ctx context.Context, t *testing.T, env *harness.Env, id, path string) {
+	t.Helper()
+	if err := harness.WaitFor(ctx, 20*time.Millisecond, func(ctx context.Context) (bool, error) {
+		_, err := env.Exec(ctx, id, "test", "-s", path)
+		return err == nil, nil
+	}); err != nil {
+		t.Fatalf("%s never appeared in container %s: %v", path, id, err)
+	}
 }
 
 func taskStatus(ctx context.Context, t *testing.T, c *containerd.Client, id string) containerd.ProcessStatus {
@@ -294,15 +310,7 @@ func TestConcurrentCommits(t *testing.T) {
 	apic := newAPIClient(env)
 	id := harness.UniqueID("twice-")
 	// A large file keeps the first capture busy long enough to overlap.
-	if err := env.RunDetached(ctx, id, ref, seamless, "sh", "-c", "dd if=/dev/zero of=/big bs=1M count=512 2>/dev/null; touch /ready; sleep 100000"); err != nil {
-		t.Fatal(err)
-	}
-	if err := harness.WaitFor(ctx, 50*time.Millisecond, func(ctx context.Context) (bool, error) {
-		_, err := env.Exec(ctx, id, "test", "-e", "/ready")
-		return err == nil, nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	runAndWaitFor(ctx, t, env, id, ref, "dd if=/dev/zero of=/big bs=1M count=512 2>/dev/null; echo ok > /ready; sleep 100000", "/ready")
 	type result struct {
 		status int
 		rec    api.Commit

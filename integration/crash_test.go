@@ -83,7 +83,7 @@ func TestDaemonKilledDuringCommit(t *testing.T) {
 		// script is the container's workload.
 		script string
 		// killWhen returns once the daemon should be killed.
-		killWhen func(t *testing.T, frozen func() bool)
+		killWhen     func(t *testing.T, frozen func() bool)
 		frozenAtKill bool
 	}{
 		{
@@ -91,7 +91,7 @@ func TestDaemonKilledDuringCommit(t *testing.T) {
 			// A 256 MiB file rewritten without end: the final round, under
 			// the freeze, always has it to copy, which takes long enough
 			// to be caught frozen.
-			script: "dd if=/dev/zero of=/big bs=1M count=256 2>/dev/null; touch /ready; while :; do dd if=/dev/zero of=/big bs=1M count=256 conv=notrunc 2>/dev/null; done",
+			script: "dd if=/dev/zero of=/big bs=1M count=256 2>/dev/null; echo ok > /ready; while :; do dd if=/dev/zero of=/big bs=1M count=256 conv=notrunc 2>/dev/null; done",
 			killWhen: func(t *testing.T, frozen func() bool) {
 				deadline := time.Now().Add(60 * time.Second)
 				for !frozen() {
@@ -105,7 +105,7 @@ func TestDaemonKilledDuringCommit(t *testing.T) {
 		},
 		{
 			name:   "while pre-copying",
-			script: "dd if=/dev/zero of=/big bs=1M count=1024 2>/dev/null; touch /ready; while :; do date > /clock; sleep 0.1; done",
+			script: "dd if=/dev/zero of=/big bs=1M count=1024 2>/dev/null; echo ok > /ready; while :; do date > /clock; sleep 0.1; done",
 			killWhen: func(t *testing.T, frozen func() bool) {
 				captures := filepath.Join(env.Daemon.Root(), "captures")
 				deadline := time.Now().Add(60 * time.Second)
@@ -124,15 +124,7 @@ func TestDaemonKilledDuringCommit(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			id := harness.UniqueID("crash-")
-			if err := env.RunDetached(ctx, id, ref, seamless, "sh", "-c", tc.script); err != nil {
-				t.Fatal(err)
-			}
-			if err := harness.WaitFor(ctx, 50*time.Millisecond, func(ctx context.Context) (bool, error) {
-				_, err := env.Exec(ctx, id, "test", "-e", "/ready")
-				return err == nil, nil
-			}); err != nil {
-				t.Fatal(err)
-			}
+			runAndWaitFor(ctx, t, env, id, ref, tc.script, "/ready")
 			_, frozen := freezerStateOf(t, containerPid(ctx, t, env, id))
 
 			done := make(chan struct{})
