@@ -124,6 +124,9 @@ type Copier struct {
 	root     entry   // the source root; root.dir holds the tree
 	workers  int
 	noRange  atomic.Bool // copy_file_range does not work from src to dst: use read/write
+	// raceHook, set by tests only, runs between stat'ing a source entry
+	// and opening it: the window in which a container can swap it.
+	raceHook func(dirfd int, name string)
 }
 
 // NewCopier prepares to copy the directory src into dst. dst must not

@@ -32,7 +32,7 @@ func (r *round) copyFile(sfd, dfd int, name string, st *unix.Stat_t, existed boo
 	src, rfd := nameRef(sfd, name), -1
 	if st.Size > 0 {
 		var err error
-		if rfd, err = openSrcFile(sfd, name, st); err != nil {
+		if rfd, err = r.openSrcFile(sfd, name, st); err != nil {
 			return err
 		}
 		defer unix.Close(rfd)
@@ -71,9 +71,9 @@ func (r *round) copyFile(sfd, dfd int, name string, st *unix.Stat_t, existed boo
 // swapped for a symlink, a fifo or a device node is never opened for I/O.
 // On success st holds the fresh stat of the opened file, taken before any
 // byte is read.
-func openSrcFile(sfd int, name string, st *unix.Stat_t) (int, error) {
-	if raceHook != nil {
-		raceHook(sfd, name)
+func (r *round) openSrcFile(sfd int, name string, st *unix.Stat_t) (int, error) {
+	if r.c.raceHook != nil {
+		r.c.raceHook(sfd, name)
 	}
 	pfd, err := unix.Openat(sfd, name, pathFlags, 0)
 	if err != nil {

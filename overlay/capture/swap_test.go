@@ -15,7 +15,7 @@ import (
 )
 
 // TestSwapAttack swaps a source entry at the worst moment, between the
-// Copier's stat and its open (through raceHook), for a symlink to a canary
+// Copier's stat and its open (through Copier.raceHook), for a symlink to a canary
 // outside the source, a symlink to /, a fifo (opening it for reading would
 // block) or a device node (opening it could have side effects). The
 // Copier must not open the swapped-in entry for I/O nor follow it; a
@@ -71,7 +71,7 @@ func TestSwapAttack(t *testing.T) {
 				victim := filepath.Join(src, sw.target)
 				var swapped bool
 				var checkNode func()
-				raceHook = func(dirfd int, n string) {
+				c.raceHook = func(dirfd int, n string) {
 					if n != sw.target || swapped {
 						return
 					}
@@ -87,7 +87,6 @@ func TestSwapAttack(t *testing.T) {
 						checkNode = watchCanary(t, victim) // an inotify watch on the node itself
 					}
 				}
-				defer func() { raceHook = nil }()
 
 				done := make(chan error, 1)
 				go func() {
@@ -104,7 +103,7 @@ func TestSwapAttack(t *testing.T) {
 				case <-time.After(10 * time.Second):
 					t.Fatal("the round hangs: it opened the fifo")
 				}
-				raceHook = nil
+				c.raceHook = nil
 				if !swapped {
 					t.Fatal("the hook never ran")
 				}

@@ -93,15 +93,11 @@ const (
 	pathFlags = unix.O_PATH | unix.O_NOFOLLOW | unix.O_CLOEXEC
 )
 
-// raceHook, when set (by tests only), runs between stat'ing a source entry
-// and opening it: the window in which a container can swap it.
-var raceHook func(dirfd int, name string)
-
 // openSrcDir opens a source directory without following a symlink and,
 // where permitted, without updating its atime.
-func openSrcDir(dirfd int, name string) (int, error) {
-	if raceHook != nil {
-		raceHook(dirfd, name)
+func (r *round) openSrcDir(dirfd int, name string) (int, error) {
+	if r.c.raceHook != nil {
+		r.c.raceHook(dirfd, name)
 	}
 	fd, err := unix.Openat(dirfd, name, dirFlags|unix.O_NOATIME, 0)
 	if err == unix.EPERM {
@@ -224,7 +220,7 @@ func (r *round) raced(parent *dirNode, name string, cause error) error {
 
 func (r *round) walkRoot(force *forceNode) error {
 	c := r.c
-	sfd, err := openSrcDir(unix.AT_FDCWD, c.src)
+	sfd, err := r.openSrcDir(unix.AT_FDCWD, c.src)
 	if err != nil {
 		return &os.PathError{Op: "open", Path: c.src, Err: err}
 	}
@@ -644,7 +640,7 @@ func (r *round) openDstDir(n *dirNode) (int, error) {
 // Its owner, mode, xattrs and times are set after its children, which
 // change its mtime. Its contents may be handed to another worker (p).
 func (r *round) subdir(sfd, dfd int, parent *dirNode, name string, st *unix.Stat_t, old *entry, force *forceNode) (_ entry, _, changed bool, _ error, _ *pending) {
-	cfd, err := openSrcDir(sfd, name)
+	cfd, err := r.openSrcDir(sfd, name)
 	if err == nil {
 		var cst unix.Stat_t
 		if err = unix.Fstat(cfd, &cst); err == nil && (cst.Ino != st.Ino || cst.Mode&unix.S_IFMT != unix.S_IFDIR) {
