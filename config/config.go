@@ -50,12 +50,14 @@ const (
 	StrategyAuto    = "auto"
 	StrategyCopy    = "copy"
 	StrategyReflink = "reflink"
+	StrategyBtrfs   = "btrfs"
 )
 
 // Commit configures seamless commits.
 type Commit struct {
-	// Strategy is how the writable layer is captured: auto (reflink where
-	// the root's filesystem can clone, else copy), copy or reflink.
+	// Strategy is how the writable layer is captured: auto (btrfs on
+	// btrfs, reflink where the root's filesystem can clone, else copy),
+	// copy, reflink or btrfs.
 	Strategy string `toml:"strategy"`
 	// PauseBudget bounds the time a container stays frozen; past it the
 	// capture is abandoned, the container thawed and the commit fails.
@@ -199,9 +201,9 @@ func (c Config) Validate() error {
 // Validate checks the [commit] section.
 func (c Commit) Validate() error {
 	switch c.Strategy {
-	case StrategyAuto, StrategyCopy, StrategyReflink:
+	case StrategyAuto, StrategyCopy, StrategyReflink, StrategyBtrfs:
 	default:
-		return fmt.Errorf("commit.strategy: %q is not one of auto, copy, reflink", c.Strategy)
+		return fmt.Errorf("commit.strategy: %q is not one of auto, copy, reflink, btrfs", c.Strategy)
 	}
 	if b := time.Duration(c.PauseBudget); b <= 0 || b > time.Minute {
 		return fmt.Errorf("commit.pause_budget: %v must be positive and at most 1m", b)

@@ -136,7 +136,7 @@ func TestCLI(t *testing.T) {
 				!strings.HasSuffix(f["pause"], " ms") || !strings.Contains(f["captured"], " entries, ") {
 				t.Fatalf("commit printed %q", out)
 			}
-			testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", f["commit"]))
+			testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", f["commit"], "fs"))
 			committed = append(committed, f["commit"])
 			assertRunning(t)
 		})
@@ -173,7 +173,7 @@ func TestCLI(t *testing.T) {
 			!strings.HasSuffix(rec.SnapshotKey, "/"+id) {
 			t.Fatalf("commit recorded %+v", rec)
 		}
-		n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+		n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
 		t.Logf("json commit: step %d, pause %.2f ms, strategy %s", n, rec.PauseMillis, rec.Strategy)
 		committed = append(committed, rec.ID)
 		assertRunning(t)

@@ -147,7 +147,7 @@ func TestSeamlessCommit(t *testing.T) {
 		if rec.State != snapshotter.StatePending || !rec.Frozen || rec.Target != target+":label" {
 			t.Fatalf("label commit recorded %+v", rec)
 		}
-		n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+		n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
 		t.Logf("label commit: step %d, pause %.2f ms, strategy %s", n, rec.PauseMillis, rec.Strategy)
 	})
 
@@ -162,7 +162,7 @@ func TestSeamlessCommit(t *testing.T) {
 			if rec.State != snapshotter.StatePending || !rec.Frozen || rec.PauseMillis <= 0 || rec.CapturedAt.IsZero() {
 				t.Fatalf("commit %d recorded %+v", i, rec)
 			}
-			n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+			n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
 			if n <= last {
 				t.Errorf("commit %d at step %d, not after %d", i, n, last)
 			}
@@ -187,7 +187,7 @@ func TestSeamlessCommit(t *testing.T) {
 		if status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: target + ":paused"}, &rec); status != http.StatusCreated {
 			t.Fatalf("%d %+v", status, apiErr)
 		}
-		testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+		testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
 		if st := taskStatus(ctx, t, c, id); st != containerd.Paused {
 			t.Fatalf("a container the user paused is %s after a commit", st)
 		}
@@ -271,7 +271,7 @@ func TestCommitStrategies(t *testing.T) {
 	}{
 		{"ext4", 512 << 20, "copy"},
 		{"xfs", 512 << 20, "reflink"},
-		{"btrfs", 512 << 20, "reflink"},
+		{"btrfs", 512 << 20, "btrfs"},
 	} {
 		t.Run(tc.fstype, func(t *testing.T) {
 			harness.Require(t)
@@ -290,7 +290,7 @@ func TestCommitStrategies(t *testing.T) {
 				if rec.Strategy != tc.strategy || !rec.Frozen {
 					t.Fatalf("commit %d: strategy %q frozen %v, want %s", i, rec.Strategy, rec.Frozen, tc.strategy)
 				}
-				n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID))
+				n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
 				if n <= last {
 					t.Fatalf("commit %d at step %d, not after %d", i, n, last)
 				}

@@ -4,6 +4,8 @@ package overlay
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -33,11 +35,21 @@ const (
 // key can name a path outside the root.
 type Layout struct {
 	root string
+	// subvolumes makes each active snapshot's directory a btrfs
+	// subvolume, so that it can be captured by a snapshot.
+	subvolumes bool
 }
 
 // NewLayout returns the layout of the snapshotter rooted at root.
 func NewLayout(root string) Layout {
 	return Layout{root: root}
+}
+
+// WithSubvolumes returns the layout that creates each active snapshot's
+// directory as a btrfs subvolume (the root must be on btrfs).
+func (l Layout) WithSubvolumes() Layout {
+	l.subvolumes = true
+	return l
 }
 
 // Root is the snapshotter root directory.
@@ -69,6 +81,11 @@ func (l Layout) CaptureDir(commitID string) string {
 	return filepath.Join(l.CapturesDir(), commitID)
 }
 
+// CaptureUpper is where a capture holds the copy of the upperdir.
+func (l Layout) CaptureUpper(commitID string) string {
+	return filepath.Join(l.CaptureDir(commitID), upperDirName)
+}
+
 // CaptureTemp is where a capture is built before it is recorded.
 func (l Layout) CaptureTemp(commitID string) string {
 	return filepath.Join(l.CapturesDir(), captureTempPrefix+commitID)
@@ -95,7 +112,7 @@ func (l Layout) Init() error {
 // for active snapshots, a workdir. The caller renames it to SnapshotDir(id)
 // once the snapshot is recorded, or removes it on failure.
 func (l Layout) PrepareTemp(active bool) (string, error) {
-	td, err := os.MkdirTemp(l.SnapshotsDir(), tempPrefix)
+	td, err := l.makeTemp(active)
 	if err != nil {
 		return "", fmt.Errorf("create temporary snapshot directory: %w", err)
 	}
@@ -108,6 +125,21 @@ func (l Layout) PrepareTemp(active bool) (string, error) {
 		}
 	}
 	return td, nil
+}
+
+func (l Layout) makeTemp(active bool) (string, error) {
+	if !l.subvolumes || !active {
+		return os.MkdirTemp(l.SnapshotsDir(), tempPrefix)
+	}
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	td := filepath.Join(l.SnapshotsDir(), tempPrefix+hex.EncodeToString(b))
+	if err := CreateSubvolume(td); err != nil {
+		return "", err
+	}
+	return td, os.Chmod(td, 0o700)
 }
 
 // Orphans lists the snapshot directories whose name is not a known snapshot
@@ -133,7 +165,7 @@ func (l Layout) Orphans(known map[string]string) ([]string, error) {
 // retries.
 func (l Layout) RemoveAll(ctx context.Context, dirs []string) {
 	for _, dir := range dirs {
-		if err := os.RemoveAll(dir); err != nil {
+		if err := RemoveTree(dir); err != nil {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("failed to remove snapshot directory")
 		}
 	}

@@ -22,6 +22,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/capture"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
 )
@@ -253,7 +254,7 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		if retErr == nil {
 			return
 		}
-		if err := os.RemoveAll(tmp); err != nil {
+		if err := overlay.RemoveTree(tmp); err != nil {
 			log.G(ctx).WithError(err).Warn("failed to remove temporary capture; recovery will retry")
 		}
 		rec.State, rec.Error, rec.ErrorCode, rec.UpdatedAt = StateFailed, retErr.Error(), ErrorCode(retErr), time.Now().UTC()
@@ -275,15 +276,29 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	if err := os.MkdirAll(o.layout.CapturesDir(), 0o700); err != nil {
 		return rec, err
 	}
-	copier, err := capture.NewCopier(upper, tmp, capture.Options{Reflink: o.strategy == config.StrategyReflink})
-	if err != nil {
-		return rec, fmt.Errorf("prepare capture: %w", err)
+	var cp capturer
+	if snapDir := o.layout.SnapshotDir(snapshotID); o.strategy == config.StrategyBtrfs && overlay.IsSubvolume(snapDir) {
+		cp = subvolumeSnapshot{src: snapDir, dst: tmp}
+	} else {
+		if o.strategy == config.StrategyBtrfs {
+			// Made before the btrfs strategy was chosen: not a subvolume,
+			// but btrfs clones.
+			rec.Strategy = config.StrategyReflink
+		}
+		if err := os.Mkdir(tmp, 0o700); err != nil {
+			return rec, fmt.Errorf("prepare capture: %w", err)
+		}
+		copier, err := capture.NewCopier(upper, filepath.Join(tmp, "fs"), capture.Options{Reflink: rec.Strategy == config.StrategyReflink})
+		if err != nil {
+			return rec, fmt.Errorf("prepare capture: %w", err)
+		}
+		cp = incrementalCopy{copier}
 	}
 
 	// Pre-copy while the container runs, until a round has little left
 	// to do.
-	for rec.PreCopyRounds < o.commitCfg.PreCopyRounds {
-		stats, err := copier.PreCopy(ctx)
+	for rec.PreCopyRounds < o.commitCfg.PreCopyRounds && cp.needsPreCopy() {
+		stats, err := cp.PreCopy(ctx)
 		if err != nil {
 			return rec, fmt.Errorf("pre-copy round %d: %w", rec.PreCopyRounds+1, err)
 		}
@@ -295,7 +310,7 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		}
 	}
 
-	final, pause, frozen, err := o.freezeAndCapture(ctx, commitID, copier, cgroups, req.PauseBudget)
+	final, pause, frozen, err := o.freezeAndCapture(ctx, commitID, cp, cgroups, req.PauseBudget)
 	rec.Pause, rec.Frozen = pause, frozen
 	if err != nil {
 		return rec, err
@@ -305,7 +320,7 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	rec.CaptureEntries = final.stats.Entries
 	// Durable before it is recorded: the capture must survive a crash once
 	// the commit says it exists.
-	if err := copier.Sync(); err != nil {
+	if err := cp.Sync(); err != nil {
 		return rec, fmt.Errorf("sync capture: %w", err)
 	}
 
@@ -369,6 +384,46 @@ func cgroupsUsing(ctx context.Context, upper string) ([]freeze.Cgroup, error) {
 	}
 }
 
+// capturer is a capture strategy: the incremental copier (copy, reflink)
+// or a btrfs snapshot.
+type capturer interface {
+	needsPreCopy() bool
+	PreCopy(ctx context.Context) (capture.Stats, error)
+	// Final runs frozen and makes the capture.
+	Final(ctx context.Context, alwaysRecopy []string) (capture.Stats, error)
+	Sync() error
+}
+
+// subvolumeSnapshot captures an active snapshot whose directory is a btrfs
+// subvolume by a read-only snapshot of it: constant time, and consistent
+// because the writers are frozen (a btrfs snapshot alone is not
+// point-in-time for data being written).
+type subvolumeSnapshot struct{ src, dst string }
+
+func (subvolumeSnapshot) needsPreCopy() bool { return false }
+
+func (subvolumeSnapshot) PreCopy(context.Context) (capture.Stats, error) { return capture.Stats{}, nil }
+
+func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats, error) {
+	start := time.Now()
+	if err := ctx.Err(); err != nil {
+		return capture.Stats{}, err
+	}
+	if err := overlay.SnapshotReadonly(s.src, s.dst); err != nil {
+		return capture.Stats{}, err
+	}
+	return capture.Stats{Duration: time.Since(start)}, nil
+}
+
+// Sync is a no-op: creating a snapshot commits a btrfs transaction before
+// the ioctl returns, so the snapshot is already durable.
+func (subvolumeSnapshot) Sync() error { return nil }
+
+// incrementalCopy is the copy and reflink strategies.
+type incrementalCopy struct{ *capture.Copier }
+
+func (incrementalCopy) needsPreCopy() bool { return true }
+
 type finalRound struct {
 	stats capture.Stats
 	at    time.Time
@@ -378,7 +433,7 @@ type finalRound struct {
 // the budget. The cgroups about to be frozen are recorded durably first, so
 // that a daemon killed while they are frozen thaws them when it starts
 // again.
-func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, copier *capture.Copier, cgroups []freeze.Cgroup, budget time.Duration) (finalRound, time.Duration, bool, error) {
+func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, copier capturer, cgroups []freeze.Cgroup, budget time.Duration) (finalRound, time.Duration, bool, error) {
 	var final finalRound
 	if len(cgroups) == 0 {
 		// Nothing runs on the snapshot: nothing can change under us.

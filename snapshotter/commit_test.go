@@ -23,6 +23,7 @@ import (
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
 )
 
@@ -170,7 +171,7 @@ func TestCaptureWhileWriting(t *testing.T) {
 		if rec.Target != "registry.test/app:v"+strconv.Itoa(i) {
 			t.Errorf("target %q", rec.Target)
 		}
-		n := testutil.CheckPointInTime(t, sn.layout.CaptureDir(rec.ID))
+		n := testutil.CheckPointInTime(t, sn.layout.CaptureUpper(rec.ID))
 		if n <= last {
 			t.Errorf("commit %d captured step %d, not after the previous capture's %d", i, n, last)
 		}
@@ -211,7 +212,7 @@ func TestCaptureLeavesAUserPausedContainerPaused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	testutil.CheckPointInTime(t, sn.layout.CaptureDir(rec.ID))
+	testutil.CheckPointInTime(t, sn.layout.CaptureUpper(rec.ID))
 	if st, err := cg.State(); err != nil || st != freeze.StateFrozen {
 		t.Fatalf("a container the user paused was thawed: %v %v", st, err)
 	}
@@ -230,7 +231,7 @@ func TestCaptureWithoutProcesses(t *testing.T) {
 	if rec.Frozen || rec.Pause != 0 || rec.Target != "docker.io/library/app:latest" {
 		t.Fatalf("recorded %+v", rec)
 	}
-	if data, err := os.ReadFile(filepath.Join(sn.layout.CaptureDir(rec.ID), "hello")); err != nil || string(data) != "world" {
+	if data, err := os.ReadFile(filepath.Join(sn.layout.CaptureUpper(rec.ID), "hello")); err != nil || string(data) != "world" {
 		t.Fatalf("capture holds %q, %v", data, err)
 	}
 	// Removing the snapshot (the container) keeps the commit.
@@ -240,7 +241,7 @@ func TestCaptureWithoutProcesses(t *testing.T) {
 	if err := sn.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(sn.layout.CaptureDir(rec.ID), "hello")); err != nil {
+	if _, err := os.Stat(filepath.Join(sn.layout.CaptureUpper(rec.ID), "hello")); err != nil {
 		t.Fatalf("capture lost with its snapshot: %v", err)
 	}
 	if _, err := sn.GetCommit(ctx, rec.ID); err != nil {
@@ -460,5 +461,77 @@ func TestCaptureDiskFull(t *testing.T) {
 	back, err := os.ReadFile(filepath.Join(upper, "big"))
 	if err != nil || len(back) != len(data) || back[12345] != data[12345] {
 		t.Fatalf("the container's layer changed: %d bytes, %v", len(back), err)
+	}
+}
+
+// TestBtrfsStrategy: on btrfs, active snapshots are subvolumes, a capture
+// is a read-only snapshot of one, and both are removed cleanly (Cleanup;
+// recovery of an abandoned capture).
+func TestBtrfsStrategy(t *testing.T) {
+	ctx := context.Background()
+	testutil.RequireRoot(t)
+	root := filepath.Join(testutil.LoopFS(t, "btrfs", 256<<20), "seamless")
+	sn, err := New(ctx, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { sn.Close() }()
+	if sn.Strategy() != config.StrategyBtrfs {
+		t.Fatalf("strategy %q on btrfs", sn.Strategy())
+	}
+	mounts, err := sn.Prepare(ctx, "default/1/c", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snapDir := filepath.Dir(mounts[0].Source)
+	if !overlay.IsSubvolume(snapDir) {
+		t.Fatalf("%s is not a subvolume", snapDir)
+	}
+	if err := os.WriteFile(filepath.Join(mounts[0].Source, "f"), []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := sn.Capture(ctx, CommitRequest{Key: "default/1/c", Target: "app"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.Strategy != config.StrategyBtrfs || rec.PreCopyRounds != 0 {
+		t.Fatalf("recorded %+v", rec)
+	}
+	if data, err := os.ReadFile(filepath.Join(sn.layout.CaptureUpper(rec.ID), "f")); err != nil || string(data) != "data" {
+		t.Fatalf("capture holds %q, %v", data, err)
+	}
+	if !overlay.IsSubvolume(sn.layout.CaptureDir(rec.ID)) {
+		t.Fatal("the capture is not a snapshot")
+	}
+	if err := os.WriteFile(filepath.Join(sn.layout.CaptureUpper(rec.ID), "g"), nil, 0o644); err == nil {
+		t.Fatal("the capture is writable")
+	}
+
+	// Remove + Cleanup deletes the snapshot's subvolume.
+	if err := sn.Remove(ctx, "default/1/c"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(snapDir); !os.IsNotExist(err) {
+		t.Fatalf("subvolume %s survived Cleanup: %v", snapDir, err)
+	}
+
+	// An abandoned (read-only) capture is deleted by recovery.
+	if err := overlay.SnapshotReadonly(sn.layout.CaptureDir(rec.ID), sn.layout.CaptureTemp("crashed")); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if sn, err = New(ctx, root); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sn.layout.CaptureTemp("crashed")); !os.IsNotExist(err) {
+		t.Fatalf("abandoned capture survived recovery: %v", err)
+	}
+	if _, err := os.Stat(sn.layout.CaptureUpper(rec.ID)); err != nil {
+		t.Fatalf("the pending capture was removed: %v", err)
 	}
 }

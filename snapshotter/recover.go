@@ -84,7 +84,7 @@ func (o *Snapshotter) recover(ctx context.Context) error {
 			continue
 		}
 		dir := filepath.Join(o.layout.CapturesDir(), e.Name())
-		if err := os.RemoveAll(dir); err != nil {
+		if err := overlay.RemoveTree(dir); err != nil {
 			return fmt.Errorf("remove abandoned capture: %w", err)
 		}
 		log.G(ctx).WithField("path", dir).Info("removed abandoned capture")

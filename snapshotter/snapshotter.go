@@ -115,6 +115,9 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 		ms.Close()
 		return nil, err
 	}
+	if strategy == config.StrategyBtrfs {
+		layout = layout.WithSubvolumes()
+	}
 	bgCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	o := &Snapshotter{
 		layout:           layout,
@@ -155,7 +158,13 @@ func holdName(root string) string {
 // filesystem can clone files, else copy, unless the configuration insists.
 func resolveStrategy(configured string, layout overlay.Layout) (string, error) {
 	canClone := capture.SupportsReflink(layout.CapturesDir())
+	onBtrfs := overlay.IsBtrfs(layout.Root())
 	switch configured {
+	case config.StrategyBtrfs:
+		if !onBtrfs {
+			return "", fmt.Errorf("commit.strategy is btrfs, but %s is not on btrfs; use auto", layout.Root())
+		}
+		return config.StrategyBtrfs, nil
 	case config.StrategyReflink:
 		if !canClone {
 			return "", fmt.Errorf("commit.strategy is reflink, but the filesystem of %s cannot clone files (FICLONE); use copy or auto", layout.Root())
@@ -164,6 +173,9 @@ func resolveStrategy(configured string, layout overlay.Layout) (string, error) {
 	case config.StrategyCopy:
 		return config.StrategyCopy, nil
 	default:
+		if onBtrfs {
+			return config.StrategyBtrfs, nil
+		}
 		if canClone {
 			return config.StrategyReflink, nil
 		}
@@ -423,7 +435,7 @@ func (o *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			if dir == "" {
 				continue
 			}
-			if rerr := os.RemoveAll(dir); rerr != nil {
+			if rerr := overlay.RemoveTree(dir); rerr != nil {
 				log.G(ctx).WithError(rerr).WithField("path", dir).Error("failed to remove directory of failed snapshot; Cleanup will retry")
 			}
 		}

@@ -5,6 +5,7 @@ package snapshotter
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -16,6 +17,7 @@ import (
 	"github.com/containerd/errdefs"
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
 )
 
@@ -45,6 +47,21 @@ func TestConformance(t *testing.T) {
 			testsuite.SnapshotterSuite(t, "overlayfs", newTestSnapshotter(tc.opts...))
 		})
 	}
+	// On btrfs, active snapshots are subvolumes (the btrfs capture
+	// strategy); the suite's roots are moved onto a btrfs filesystem.
+	t.Run("Btrfs", func(t *testing.T) {
+		fs := testutil.LoopFS(t, "btrfs", 1<<30)
+		testsuite.SnapshotterSuite(t, "overlayfs", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+			sn, err := New(ctx, filepath.Join(fs, filepath.Base(filepath.Dir(root))))
+			if err != nil {
+				return nil, nil, err
+			}
+			if sn.Strategy() != config.StrategyBtrfs {
+				return nil, nil, fmt.Errorf("strategy %s on btrfs", sn.Strategy())
+			}
+			return sn, sn.Close, nil
+		})
+	})
 }
 
 func openTest(t *testing.T, opts ...Option) (*Snapshotter, string) {

@@ -218,7 +218,7 @@ func (d *demo) showCommit(rec api.Commit) {
 // between two writes around the commit (uptimes before to after) was
 // longer than maxGap.
 func (d *demo) checkCapture(how string, rec api.Commit, before, after float64) {
-	path := filepath.Join(d.env.Daemon.Root(), "captures", rec.ID, logFile)
+	path := filepath.Join(d.env.Daemon.Root(), "captures", rec.ID, "fs", logFile)
 	var captured, live []write
 	var capturedUp float64
 	var detail string
@@ -392,7 +392,7 @@ func (d *demo) commitsSurvived() {
 				return "", fmt.Errorf("commit %s was %s captured at %v, is now %s captured at %v",
 					got.ID, want.rec.State, want.rec.CapturedAt, got.State, got.CapturedAt)
 			}
-			if _, err := os.Stat(filepath.Join(d.env.Daemon.Root(), "captures", got.ID, logFile)); err != nil {
+			if _, err := os.Stat(filepath.Join(d.env.Daemon.Root(), "captures", got.ID, "fs", logFile)); err != nil {
 				return "", fmt.Errorf("capture of commit %s: %w", got.ID, err)
 			}
 		}

@@ -422,9 +422,9 @@ func (d *demo) summary() {
 			fmt.Sprintf("\n      each capture is a whole, point-in-time copy of its layer; the longest wait between two writes: %s",
 				strings.Join(gaps, " and ")),
 		"the daemon restarted under it: the container never stopped, the commits are still recorded, new containers start",
+		fmt.Sprintf("capture strategy %s (the root's filesystem decides: btrfs snapshots, xfs reflinks, else copies)", strings.Join(strategies, ", ")),
 		"not in this release: turning a capture into an image and pushing it to the registry" +
-			"\n      (the commits stay \"pending\"" + registryNote +
-			fmt.Sprintf("), and the btrfs capture strategy (this run used %s)", strings.Join(strategies, ", ")),
+			"\n      (the commits stay \"pending\"" + registryNote + ")",
 	} {
 		d.printf("    • %s\n", s)
 	}

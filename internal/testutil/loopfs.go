@@ -89,6 +89,14 @@ func LoopFS(t testing.TB, fstype string, size int64, mkfsArgs ...string) string 
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
+		if err == unix.EBUSY {
+			// containerd's mount code mounts overlays with long lowerdir
+			// options from a thread that unshared its cwd into the common
+			// prefix directory, and that thread can outlive the test in
+			// the pool, pinning the filesystem. Detach it lazily.
+			t.Logf("LoopFS: %s still busy (a thread's cwd?); detaching it lazily", mnt)
+			err = unix.Unmount(mnt, unix.MNT_DETACH)
+		}
 		if err != nil {
 			t.Errorf("LoopFS: unmount %s: %v", mnt, err)
 		}
