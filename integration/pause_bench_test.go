@@ -177,7 +177,14 @@ func startPauseBench(b *testing.B) *pauseBench {
 	ctx, cancel := context.WithTimeout(b.Context(), 15*time.Minute)
 	b.Cleanup(cancel)
 	probe := buildProbe(b)
-	env := harness.Start(b, harness.Options{})
+	// SEAMLESS_BENCH_FS=xfs|btrfs puts the daemon's root on a loop-mounted
+	// filesystem of that type, so that the capture strategy is reflink or
+	// btrfs; by default it is wherever the temp dirs are (ext4 here: copy).
+	var opts harness.Options
+	if fstype := os.Getenv("SEAMLESS_BENCH_FS"); fstype != "" {
+		opts.Daemon.Root = filepath.Join(testutil.LoopFS(b, fstype, 8<<30), "seamless")
+	}
+	env := harness.Start(b, opts)
 	img, err := testimage.Build(testimage.WithExtraFiles(map[string][]byte{"/bin/probe": probe}))
 	if err != nil {
 		b.Fatal(err)
