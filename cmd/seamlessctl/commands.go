@@ -50,14 +50,8 @@ func runCommit(ctx context.Context, c *cli, args []string) error {
 		snapshotter = fs.String("snapshotter", "seamless", "")
 		output      = outputFlag(fs)
 	)
-	args, err := parseArgs(fs, args)
+	args, err := parseCommand(fs, args, 0, "")
 	if err != nil {
-		return err
-	}
-	if err := checkArgs(fs, args, 0, ""); err != nil {
-		return err
-	}
-	if err := checkOutput(fs, *output); err != nil {
 		return err
 	}
 	switch {
@@ -116,14 +110,8 @@ func runStatus(ctx context.Context, c *cli, args []string) error {
 	fs := newFlagSet("status")
 	c.register(fs)
 	output := outputFlag(fs)
-	args, err := parseArgs(fs, args)
+	args, err := parseCommand(fs, args, 1, "one commit ID")
 	if err != nil {
-		return err
-	}
-	if err := checkArgs(fs, args, 1, "one commit ID"); err != nil {
-		return err
-	}
-	if err := checkOutput(fs, *output); err != nil {
 		return err
 	}
 	rec, raw, err := newAPIClient(c.apiAddress).getCommit(ctx, args[0])
@@ -162,14 +150,8 @@ func runList(ctx context.Context, c *cli, args []string) error {
 		container = fs.String("container", "", "")
 		output    = outputFlag(fs)
 	)
-	args, err := parseArgs(fs, args)
+	args, err := parseCommand(fs, args, 0, "")
 	if err != nil {
-		return err
-	}
-	if err := checkArgs(fs, args, 0, ""); err != nil {
-		return err
-	}
-	if err := checkOutput(fs, *output); err != nil {
 		return err
 	}
 	q := url.Values{"namespace": {c.namespace}}

@@ -206,6 +206,19 @@ func outputFlag(fs *flag.FlagSet) *string {
 	return out
 }
 
+// parseCommand parses a subcommand's flags and checks its positional
+// arguments (want of them, described by what) and its --output value.
+func parseCommand(fs *flag.FlagSet, args []string, want int, what string) ([]string, error) {
+	args, err := parseArgs(fs, args)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkArgs(fs, args, want, what); err != nil {
+		return nil, err
+	}
+	return args, checkOutput(fs, fs.Lookup("output").Value.String())
+}
+
 func checkOutput(fs *flag.FlagSet, output string) error {
 	if output != "text" && output != "json" {
 		return usageErrorf("%s: --output must be text or json, not %q", fs.Name(), output)
