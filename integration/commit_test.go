@@ -20,7 +20,9 @@ import (
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/api"
 	"github.com/seamless-snapshotter/seamless-snapshotter/integration/harness"
+	"github.com/seamless-snapshotter/seamless-snapshotter/integration/testimage"
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil/workload"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
 
@@ -71,16 +73,59 @@ func (c apiClient) do(ctx context.Context, t *testing.T, method, path string, bo
 	return resp.StatusCode, apiErr
 }
 
-// startWriterContainer runs testutil.WriterScript in a container on
-// seamless and waits until it has written.
-func startWriterContainer(ctx context.Context, t *testing.T, env *harness.Env, ref string) string {
+// startWriterContainer runs the point-in-time writer (integration/writer)
+// in a container on seamless, from the test image with the writer added,
+// and waits until it has taken its first steps.
+func startWriterContainer(ctx context.Context, t *testing.T, env *harness.Env) string {
 	t.Helper()
-	id := harness.UniqueID("commit-")
-	if err := env.RunDetached(ctx, id, ref, seamless, "sh", "-c", testutil.WriterScript); err != nil {
+	bin, err := os.ReadFile(testutil.BuildStatic(t, testutil.WriterPackage))
+	if err != nil {
 		t.Fatal(err)
 	}
-	waitForFile(ctx, t, env, id, "/log")
+	img, err := testimage.Build(testimage.WithWriter(bin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := env.Registry.Ref("seamless-test/busybox-writer:latest")
+	if _, err := testimage.Push(ctx, img, ref); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.PullImage(ctx, ref, seamless); err != nil {
+		t.Fatal(err)
+	}
+	id := harness.UniqueID("commit-")
+	// The writer is the container's only process: if it saw an error, it
+	// exited, and the container with it.
+	if err := env.RunDetached(ctx, id, ref, seamless, testimage.WriterPath, "-dir", workload.Dir); err != nil {
+		t.Fatal(err)
+	}
+	waitForFile(ctx, t, env, id, writerLog)
 	return id
+}
+
+// writerLog is the writer's log inside its container.
+const writerLog = workload.Dir + "/" + workload.LogName
+
+// checkCapture asserts that the capture of a commit is a state the writer
+// passed through at one instant, and returns its step.
+func checkCapture(t *testing.T, env *harness.Env, commitID string) int {
+	t.Helper()
+	return testutil.CheckWriterState(t, filepath.Join(env.Daemon.Root(), "captures", commitID, "fs"), workload.Upper)
+}
+
+// assertWriterRuns asserts that the writer of container id never saw an
+// error: it runs (it exits on its first), has printed nothing (it prints
+// only its error), and still takes steps.
+func assertWriterRuns(ctx context.Context, t *testing.T, env *harness.Env, c *containerd.Client, id string) {
+	t.Helper()
+	out, err := env.ContainerLog(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := taskStatus(ctx, t, c, id); st != containerd.Running || out != "" {
+		t.Fatalf("the writer is %s and printed %q", st, out)
+	}
+	assertLogGrows(ctx, t, env, id)
 }
 
 // runAndWaitFor starts a container running script and waits until the
@@ -126,10 +171,10 @@ func taskStatus(ctx context.Context, t *testing.T, c *containerd.Client, id stri
 // capture is a state the writer passed through, that the container keeps
 // running, and that bad requests get clear errors.
 func TestSeamlessCommit(t *testing.T) {
-	ctx, env, ref := setup(t, seamless)
+	ctx, env, _ := setup(t, seamless)
 	c := client(ctx, t, env)
 	apic := newAPIClient(env)
-	id := startWriterContainer(ctx, t, env, ref)
+	id := startWriterContainer(ctx, t, env)
 	target := env.Registry.Ref("committed/app")
 
 	t.Run("label", func(t *testing.T) {
@@ -147,7 +192,7 @@ func TestSeamlessCommit(t *testing.T) {
 		if rec.State != snapshotter.StatePending || !rec.Frozen || rec.Target != target+":label" {
 			t.Fatalf("label commit recorded %+v", rec)
 		}
-		n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
+		n := checkCapture(t, env, rec.ID)
 		t.Logf("label commit: step %d, pause %.2f ms, strategy %s", n, rec.PauseMillis, rec.Strategy)
 	})
 
@@ -162,7 +207,7 @@ func TestSeamlessCommit(t *testing.T) {
 			if rec.State != snapshotter.StatePending || !rec.Frozen || rec.PauseMillis <= 0 || rec.CapturedAt.IsZero() {
 				t.Fatalf("commit %d recorded %+v", i, rec)
 			}
-			n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
+			n := checkCapture(t, env, rec.ID)
 			if n <= last {
 				t.Errorf("commit %d at step %d, not after %d", i, n, last)
 			}
@@ -173,10 +218,7 @@ func TestSeamlessCommit(t *testing.T) {
 				t.Fatalf("GET commit: %d %+v", status, got)
 			}
 		}
-		if st := taskStatus(ctx, t, c, id); st != containerd.Running {
-			t.Fatalf("container is %s after the commits", st)
-		}
-		assertLogGrows(ctx, t, env, id)
+		assertWriterRuns(ctx, t, env, c, id)
 	})
 
 	t.Run("paused by the user stays paused", func(t *testing.T) {
@@ -187,14 +229,14 @@ func TestSeamlessCommit(t *testing.T) {
 		if status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: target + ":paused"}, &rec); status != http.StatusCreated {
 			t.Fatalf("%d %+v", status, apiErr)
 		}
-		testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
+		checkCapture(t, env, rec.ID)
 		if st := taskStatus(ctx, t, c, id); st != containerd.Paused {
 			t.Fatalf("a container the user paused is %s after a commit", st)
 		}
 		if _, err := env.Ctr(ctx, "tasks", "resume", id); err != nil {
 			t.Fatal(err)
 		}
-		assertLogGrows(ctx, t, env, id)
+		assertWriterRuns(ctx, t, env, c, id)
 	})
 
 	t.Run("bad requests", func(t *testing.T) {
@@ -245,7 +287,7 @@ func TestSeamlessCommit(t *testing.T) {
 func assertLogGrows(ctx context.Context, t *testing.T, env *harness.Env, id string) {
 	t.Helper()
 	size := func() string {
-		out, err := env.Exec(ctx, id, "wc", "-l", "/log")
+		out, err := env.Exec(ctx, id, "wc", "-l", writerLog)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -261,44 +303,59 @@ func assertLogGrows(ctx context.Context, t *testing.T, env *harness.Env, id stri
 
 // TestCommitStrategies: the daemon's root on ext4, xfs with reflink and
 // btrfs picks its capture strategy from the filesystem; on each, 20
-// commits in a row of a container writing without pause are each a state
-// the writer passed through at one instant.
+// commits in a row of a container running the point-in-time writer
+// (numbered files created, overwritten and deleted, base files of the
+// image appended to, deleted and re-created, a shared writable mmap, a
+// log; no fsync, no pause) are each a state the writer passed through at
+// one instant, and the writer never sees an error.
 func TestCommitStrategies(t *testing.T) {
 	for _, tc := range []struct {
 		fstype   string
 		size     int64
+		mkfsArgs []string
 		strategy string
 	}{
-		{"ext4", 512 << 20, "copy"},
-		{"xfs", 512 << 20, "reflink"},
-		{"btrfs", 512 << 20, "btrfs"},
+		// Twenty captures of about a thousand files each, on top of the
+		// container's own: more inodes than mkfs.ext4 gives 512 MiB.
+		{"ext4", 512 << 20, []string{"-N", "131072"}, "copy"},
+		{"xfs", 512 << 20, nil, "reflink"},
+		{"btrfs", 512 << 20, nil, "btrfs"},
 	} {
 		t.Run(tc.fstype, func(t *testing.T) {
 			harness.Require(t)
-			root := testutil.LoopFS(t, tc.fstype, tc.size)
-			ctx, env, ref := setupWith(t, harness.Options{Daemon: harness.DaemonOptions{Root: filepath.Join(root, "seamless")}}, seamless)
+			root := testutil.LoopFS(t, tc.fstype, tc.size, tc.mkfsArgs...)
+			ctx, env, _ := setupWith(t, harness.Options{Daemon: harness.DaemonOptions{Root: filepath.Join(root, "seamless")}}, seamless)
+			c := client(ctx, t, env)
 			apic := newAPIClient(env)
-			id := startWriterContainer(ctx, t, env, ref)
+			id := startWriterContainer(ctx, t, env)
+			target := env.Registry.Ref("strategy/" + tc.fstype)
+			var checker workload.Checker
 			last := 0
 			var pauses []float64
+			var steps []int
 			for i := range 20 {
 				var rec api.Commit
-				status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: fmt.Sprintf("strategy/%s:%d", tc.fstype, i)}, &rec)
+				status, apiErr := apic.do(ctx, t, "POST", "/api/v1/commits", api.CommitRequest{Namespace: "default", Container: id, Target: fmt.Sprintf("%s:%d", target, i)}, &rec)
 				if status != http.StatusCreated {
 					t.Fatalf("commit %d: %d %+v", i, status, apiErr)
 				}
 				if rec.Strategy != tc.strategy || !rec.Frozen {
 					t.Fatalf("commit %d: strategy %q frozen %v, want %s", i, rec.Strategy, rec.Frozen, tc.strategy)
 				}
-				n := testutil.CheckPointInTime(t, filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs"))
+				capture := filepath.Join(env.Daemon.Root(), "captures", rec.ID, "fs")
+				n, err := checker.Verify(capture, workload.Upper)
+				if err != nil {
+					t.Fatalf("commit %d (%s, pause %.2f ms): %v", i, rec.ID, rec.PauseMillis, err)
+				}
 				if n <= last {
 					t.Fatalf("commit %d at step %d, not after %d", i, n, last)
 				}
 				last = n
 				pauses = append(pauses, rec.PauseMillis)
+				steps = append(steps, n)
 			}
-			t.Logf("%s/%s: 20 commits, pauses (ms) %v", tc.fstype, tc.strategy, pauses)
-			assertLogGrows(ctx, t, env, id)
+			t.Logf("%s/%s: 20 commits at steps %v, pauses (ms) %v", tc.fstype, tc.strategy, steps, pauses)
+			assertWriterRuns(ctx, t, env, c, id)
 		})
 	}
 }

@@ -3,10 +3,12 @@
 package snapshotter
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +25,7 @@ import (
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil/workload"
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
 )
@@ -49,7 +52,11 @@ func TestCommitRequestFromLabels(t *testing.T) {
 		{name: "with pause budget", after: map[string]string{LabelCommit: "reg/app", LabelPauseBudget: "80ms"}, fieldpaths: []string{"labels." + LabelCommit},
 			want: CommitRequest{Key: "k", Target: "reg/app", PauseBudget: 80 * time.Millisecond}, ok: true},
 		{name: "bad pause budget", after: map[string]string{LabelCommit: "reg/app", LabelPauseBudget: "soon"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
-		{name: "unknown option label", after: map[string]string{LabelCommit: "reg/app", labelPrefix + "squash": "1"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
+		{name: "unknown option label", after: map[string]string{LabelCommit: "reg/app", labelPrefix + "sqush": "1"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
+		{name: "conversion options", after: map[string]string{LabelCommit: "reg/app", LabelCompression: "zstd", LabelLocal: "true", LabelSquash: "1"},
+			fieldpaths: []string{"labels." + LabelCommit},
+			want:       CommitRequest{Key: "k", Target: "reg/app", Compression: "zstd", Local: true, Squash: true}, ok: true},
+		{name: "bad local", after: map[string]string{LabelCommit: "reg/app", LabelLocal: "yes please"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, ok, err := commitRequestFromLabels("k", tc.before, tc.after, tc.fieldpaths)
@@ -67,7 +74,9 @@ func TestCommitRequestFromLabels(t *testing.T) {
 }
 
 // newCommitFixture opens a snapshotter with a committed base layer holding
-// static busybox, and an active snapshot on it, mounted.
+// static busybox, the point-in-time writer (integration/writer) and the
+// base files it works on (workload.Base), and an active snapshot on it,
+// mounted.
 func newCommitFixture(t *testing.T, opts ...Option) (*Snapshotter, string, string) {
 	t.Helper()
 	testutil.RequireRoot(t)
@@ -95,6 +104,24 @@ func newCommitFixture(t *testing.T, opts ...Option) (*Snapshotter, string, strin
 	if err := os.Symlink("busybox", filepath.Join(bin, "sh")); err != nil {
 		t.Fatal(err)
 	}
+	// The writer's base files are in the base layer so that deleting
+	// them makes whiteouts in the container's upper dir.
+	writer, err := os.ReadFile(testutil.BuildStatic(t, testutil.WriterPackage))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bin, "writer"), writer, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	wdir := filepath.Join(mounts[0].Source, workload.Dir)
+	if err := os.Mkdir(wdir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range workload.Base() {
+		if err := os.WriteFile(filepath.Join(wdir, b.Name), b.Data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := sn.Commit(ctx, "base", "base-active"); err != nil {
 		t.Fatal(err)
 	}
@@ -112,10 +139,18 @@ func newCommitFixture(t *testing.T, opts ...Option) (*Snapshotter, string, strin
 	return sn, key, mnt
 }
 
-// startWriter runs, chrooted into the snapshot's mount and in a cgroup of
-// its own (as a container would be), a shell that appends step numbers to
-// /log and writes each step into one of 50 files /n.<step%50>.
-func startWriter(t *testing.T, mnt string) (pid int, cgroup string) {
+// hostWriter is the point-in-time writer running on the host, chrooted
+// into a snapshot's mount.
+type hostWriter struct {
+	pid    int
+	cgroup string
+	stderr string // file the writer reports an error to
+}
+
+// startWriter runs the point-in-time writer, chrooted into the snapshot's
+// mount and in a cgroup of its own (as a container would be), and waits
+// until it has taken its first steps.
+func startWriter(t *testing.T, mnt string) hostWriter {
 	t.Helper()
 	freezerRoot := "/sys/fs/cgroup/freezer"
 	if _, err := os.Stat(filepath.Join(freezerRoot, "freezer.state")); err != nil {
@@ -125,39 +160,75 @@ func startWriter(t *testing.T, mnt string) (pid int, cgroup string) {
 	}
 	b := make([]byte, 6)
 	rand.Read(b)
-	cgroup = filepath.Join(freezerRoot, "seamless-commit-test-"+hex.EncodeToString(b))
-	if err := os.Mkdir(cgroup, 0o755); err != nil {
+	w := hostWriter{
+		cgroup: filepath.Join(freezerRoot, "seamless-commit-test-"+hex.EncodeToString(b)),
+		stderr: filepath.Join(t.TempDir(), "writer.stderr"),
+	}
+	if err := os.Mkdir(w.cgroup, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("/bin/sh", "-c", testutil.WriterScript)
+	stderr, err := os.Create(w.stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stderr.Close()
+	cmd := exec.Command("/bin/writer", "-dir", workload.Dir)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: mnt}
 	cmd.Dir = "/"
+	// A file, not a buffer: the writer writes it directly, and a test can
+	// read it at any time without racing a copying goroutine.
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	w.pid = cmd.Process.Pid
 	t.Cleanup(func() {
-		os.WriteFile(filepath.Join(cgroup, "freezer.state"), []byte("THAWED"), 0)
+		os.WriteFile(filepath.Join(w.cgroup, "freezer.state"), []byte("THAWED"), 0)
 		cmd.Process.Kill()
 		cmd.Wait()
 		for i := 0; i < 50; i++ {
-			if err := os.Remove(cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
+			if err := os.Remove(w.cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
 				return
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
-		t.Errorf("cgroup %s left behind", cgroup)
+		t.Errorf("cgroup %s left behind", w.cgroup)
 	})
-	if err := os.WriteFile(filepath.Join(cgroup, "cgroup.procs"), []byte(strconv.Itoa(cmd.Process.Pid)), 0); err != nil {
+	if err := os.WriteFile(filepath.Join(w.cgroup, "cgroup.procs"), []byte(strconv.Itoa(w.pid)), 0); err != nil {
 		t.Fatal(err)
 	}
-	return cmd.Process.Pid, cgroup
+	log := filepath.Join(mnt, workload.Dir, workload.LogName)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if fi, err := os.Stat(log); err == nil && fi.Size() > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			msg, _ := os.ReadFile(w.stderr)
+			t.Fatalf("the writer did not start: %s", msg)
+		}
+	}
+	return w
+}
+
+// assertRuns asserts that the writer never saw an error: it has not
+// exited (it does on its first) and has reported nothing.
+func (w hostWriter) assertRuns(t *testing.T) {
+	t.Helper()
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", w.pid))
+	// The state follows the parenthesised command name; Z: exited.
+	if i := bytes.LastIndexByte(stat, ')'); err != nil || i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z' {
+		msg, _ := os.ReadFile(w.stderr)
+		t.Fatalf("the writer exited (%v): %s", err, msg)
+	}
+	if msg, err := os.ReadFile(w.stderr); err != nil || len(msg) > 0 {
+		t.Fatalf("the writer reported: %s %v", msg, err)
+	}
 }
 
 func TestCaptureWhileWriting(t *testing.T) {
 	ctx := context.Background()
 	sn, key, mnt := newCommitFixture(t)
-	pid, cgroup := startWriter(t, mnt)
-	time.Sleep(100 * time.Millisecond)
+	w := startWriter(t, mnt)
 
 	last := 0
 	for i := 1; i <= 5; i++ {
@@ -171,7 +242,7 @@ func TestCaptureWhileWriting(t *testing.T) {
 		if rec.Target != "registry.test/app:v"+strconv.Itoa(i) {
 			t.Errorf("target %q", rec.Target)
 		}
-		n := testutil.CheckPointInTime(t, sn.layout.CaptureUpper(rec.ID))
+		n := testutil.CheckWriterState(t, sn.layout.CaptureUpper(rec.ID), workload.Upper)
 		if n <= last {
 			t.Errorf("commit %d captured step %d, not after the previous capture's %d", i, n, last)
 		}
@@ -182,14 +253,12 @@ func TestCaptureWhileWriting(t *testing.T) {
 			t.Fatalf("GetCommit: %+v %v", got, err)
 		}
 	}
-	// The writer runs on, thawed.
-	st, err := (freeze.Cgroup{Path: cgroup, Version: freeze.V1}).State()
+	// The writer runs on, thawed, and never saw an error.
+	st, err := (freeze.Cgroup{Path: w.cgroup, Version: freeze.V1}).State()
 	if err != nil || st != freeze.StateThawed {
 		t.Fatalf("cgroup state %v %v after the commits", st, err)
 	}
-	if err := syscall.Kill(pid, 0); err != nil {
-		t.Fatalf("writer died: %v", err)
-	}
+	w.assertRuns(t)
 	all, err := sn.ListCommits(ctx)
 	if err != nil || len(all) != 5 {
 		t.Fatalf("ListCommits: %d records, %v", len(all), err)
@@ -199,10 +268,9 @@ func TestCaptureWhileWriting(t *testing.T) {
 func TestCaptureLeavesAUserPausedContainerPaused(t *testing.T) {
 	ctx := context.Background()
 	sn, key, mnt := newCommitFixture(t)
-	_, cgroup := startWriter(t, mnt)
-	time.Sleep(50 * time.Millisecond)
-	cg := freeze.Cgroup{Path: cgroup, Version: freeze.V1}
-	if err := os.WriteFile(filepath.Join(cgroup, "freezer.state"), []byte("FROZEN"), 0); err != nil {
+	w := startWriter(t, mnt)
+	cg := freeze.Cgroup{Path: w.cgroup, Version: freeze.V1}
+	if err := os.WriteFile(filepath.Join(w.cgroup, "freezer.state"), []byte("FROZEN"), 0); err != nil {
 		t.Fatal(err)
 	}
 	for st, _ := cg.State(); st != freeze.StateFrozen; st, _ = cg.State() {
@@ -212,7 +280,7 @@ func TestCaptureLeavesAUserPausedContainerPaused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	testutil.CheckPointInTime(t, sn.layout.CaptureUpper(rec.ID))
+	testutil.CheckWriterState(t, sn.layout.CaptureUpper(rec.ID), workload.Upper)
 	if st, err := cg.State(); err != nil || st != freeze.StateFrozen {
 		t.Fatalf("a container the user paused was thawed: %v %v", st, err)
 	}
@@ -294,7 +362,7 @@ func mustID(t *testing.T, sn *Snapshotter, key string) string {
 	t.Helper()
 	var id string
 	if err := withTransaction(context.Background(), sn.ms, false, func(ctx context.Context, _ *bolt.Tx) (err error) {
-		id, err = checkCommittable(ctx, key)
+		id, _, err = checkCommittable(ctx, key)
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -305,7 +373,7 @@ func mustID(t *testing.T, sn *Snapshotter, key string) string {
 func TestCaptureOverPauseBudget(t *testing.T) {
 	ctx := context.Background()
 	sn, key, mnt := newCommitFixture(t)
-	_, cgroup := startWriter(t, mnt)
+	cgroup := startWriter(t, mnt).cgroup
 	// A budget no freeze can meet.
 	rec, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "app", PauseBudget: time.Nanosecond})
 	if ErrorCode(err) != CodePauseBudgetExceeded {
@@ -376,7 +444,7 @@ func TestUpdateLabelTriggersCommit(t *testing.T) {
 func TestRecoveryThawsAndCleans(t *testing.T) {
 	ctx := context.Background()
 	sn, key, mnt := newCommitFixture(t)
-	_, cgroup := startWriter(t, mnt)
+	cgroup := startWriter(t, mnt).cgroup
 	cg := freeze.Cgroup{Path: cgroup, Version: freeze.V1}
 	root := sn.layout.Root()
 
@@ -494,7 +562,7 @@ func TestBtrfsStrategy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec.Strategy != config.StrategyBtrfs || rec.PreCopyRounds != 0 {
+	if rec.Strategy != config.StrategyBtrfs || rec.PreCopyRounds != 1 {
 		t.Fatalf("recorded %+v", rec)
 	}
 	if data, err := os.ReadFile(filepath.Join(sn.layout.CaptureUpper(rec.ID), "f")); err != nil || string(data) != "data" {
