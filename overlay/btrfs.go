@@ -76,6 +76,21 @@ func CreateSubvolume(path string) error {
 	})
 }
 
+// SyncFS flushes the filesystem holding path (syncfs(2)). On btrfs it
+// commits the running transaction, so that the next one, which a
+// snapshot commits, only holds what changed since.
+func SyncFS(path string) error {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Syncfs(fd); err != nil {
+		return fmt.Errorf("syncfs %s: %w", path, err)
+	}
+	return nil
+}
+
 // SnapshotReadonly creates dst as a read-only snapshot of the subvolume
 // src: a point-in-time copy in constant time, whatever src holds.
 func SnapshotReadonly(src, dst string) error {

@@ -104,12 +104,22 @@ func (r *round) openSrcFile(sfd int, name string, st *unix.Stat_t) (int, error) 
 // within a few milliseconds even in a large file.
 const copyChunk = 8 << 20
 
+// plainCopyMax is the size up to which a file's data is copied with
+// read/write from the page cache, never cloned: FICLONE, and
+// copy_file_range on filesystems that clone by themselves (xfs), first
+// write the source's dirty pages to disk. For a file just written that
+// costs a disk write per file, which under a freeze is pause; a small
+// copy costs microseconds.
+const plainCopyMax = 256 << 10
+
 // copyData copies size bytes of file data from rfd to the empty (or just
-// truncated) wfd: with FICLONE when reflinking, else only the data segments
-// (SEEK_DATA/SEEK_HOLE) with copy_file_range, then sets the size, so holes
-// stay holes. It returns the bytes copied or cloned.
+// truncated) wfd: with FICLONE when reflinking a file larger than
+// plainCopyMax, else only the data segments (SEEK_DATA/SEEK_HOLE), then
+// sets the size, so holes stay holes. It returns the bytes copied or
+// cloned.
 func (r *round) copyData(rfd, wfd int, size int64) (int64, error) {
-	if r.c.reflink {
+	plain := size <= plainCopyMax
+	if r.c.reflink && !plain {
 		if err := unix.IoctlFileClone(wfd, rfd); err != nil {
 			switch err {
 			case unix.EOPNOTSUPP, unix.EXDEV, unix.EINVAL, unix.ENOTTY:
@@ -140,7 +150,7 @@ func (r *round) copyData(rfd, wfd int, size int64) (int64, error) {
 		if data >= size {
 			break
 		}
-		n, err := r.copyRange(rfd, wfd, data, hole-data)
+		n, err := r.copyRange(rfd, wfd, data, hole-data, plain)
 		copied += n
 		end = data + n
 		if err != nil {
@@ -161,9 +171,10 @@ func (r *round) copyData(rfd, wfd int, size int64) (int64, error) {
 
 // copyRange copies n bytes at off from rfd to the same offset of wfd, with
 // copy_file_range (in-kernel, and a reflink where the filesystem does that
-// by itself), or read/write where copy_file_range cannot be used between
-// the two filesystems. It stops early at the source's end of file.
-func (r *round) copyRange(rfd, wfd int, off, n int64) (int64, error) {
+// by itself), or read/write when plain is set or copy_file_range cannot be
+// used between the two filesystems. It stops early at the source's end of
+// file.
+func (r *round) copyRange(rfd, wfd int, off, n int64, plain bool) (int64, error) {
 	var done int64
 	for done < n {
 		if done > 0 {
@@ -172,7 +183,7 @@ func (r *round) copyRange(rfd, wfd int, off, n int64) (int64, error) {
 			}
 		}
 		want := min(n-done, copyChunk)
-		if !r.c.noRange.Load() {
+		if !plain && !r.c.noRange.Load() {
 			roff, woff := off+done, off+done
 			m, err := unix.CopyFileRange(rfd, &roff, wfd, &woff, int(want), 0)
 			switch {
