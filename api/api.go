@@ -3,7 +3,7 @@
 // Package api serves the daemon's HTTP/JSON API on a root-only unix
 // socket: seamless commits (create, get, list) and Prometheus metrics.
 //
-//	POST /api/v1/commits        {"namespace","container"} or {"snapshot_key"}, "target", "pause_budget"
+//	POST /api/v1/commits        {"namespace","container"} or {"snapshot_key"}, "target", "pause_budget", "compression", "local", "squash"
 //	GET  /api/v1/commits/{id}
 //	GET  /api/v1/commits?state=&container=&namespace=
 //	GET  /metrics
@@ -48,6 +48,15 @@ type CommitRequest struct {
 	Target      string `json:"target"`
 	// PauseBudget is a Go duration ("250ms"); empty means the configured.
 	PauseBudget string `json:"pause_budget,omitempty"`
+	// Compression of the new layer: gzip or zstd; empty means the
+	// configured.
+	Compression string `json:"compression,omitempty"`
+	// Local imports the image into containerd's image store (in the
+	// container's namespace) instead of pushing it.
+	Local bool `json:"local,omitempty"`
+	// Squash makes the new layer hold every change since the base image
+	// rather than those since the container's previous commit.
+	Squash bool `json:"squash,omitempty"`
 }
 
 // Commit is a commit as the API shows it.
@@ -73,6 +82,8 @@ type Metrics struct {
 	registry *prometheus.Registry
 	pause    *prometheus.HistogramVec
 	captures *prometheus.CounterVec
+	jobs     *prometheus.CounterVec
+	duration prometheus.Histogram
 }
 
 // NewMetrics creates the metrics in a registry of their own.
@@ -91,8 +102,72 @@ func NewMetrics() *Metrics {
 			Help:      "Seamless commit captures by strategy and outcome (captured, or the error code).",
 		}, []string{"strategy", "outcome"}),
 	}
-	m.registry.MustRegister(m.pause, m.captures)
+	m.jobs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "seamless",
+		Name:      "jobs_total",
+		Help:      "Conversion jobs that ended, by outcome (done, or the error code).",
+	}, []string{"outcome"})
+	m.duration = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: "seamless",
+		Name:      "commit_publish_seconds",
+		Help:      "Time from a commit's capture to its image published.",
+		Buckets:   prometheus.ExponentialBuckets(0.25, 2, 12),
+	})
+	m.registry.MustRegister(m.pause, m.captures, m.jobs, m.duration)
 	return m
+}
+
+// ObserveJob records a conversion job that ended; pass it to
+// convert.WithJobObserver.
+func (m *Metrics) ObserveJob(c snapshotter.Commit) {
+	outcome := "done"
+	if c.State == snapshotter.StateFailed {
+		outcome = c.ErrorCode
+	}
+	m.jobs.WithLabelValues(outcome).Inc()
+	if c.State == snapshotter.StateDone && !c.CapturedAt.IsZero() {
+		m.duration.Observe(c.FinishedAt.Sub(c.CapturedAt).Seconds())
+	}
+}
+
+// WatchCaptures adds gauges read from the commit records at each scrape:
+// the disk space the kept captures use, and the commits by state.
+func (m *Metrics) WatchCaptures(c Committer) {
+	collect := func() []snapshotter.Commit {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		all, err := c.ListCommits(ctx)
+		if err != nil {
+			log.L.WithError(err).Debug("metrics: cannot list commits")
+		}
+		return all
+	}
+	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "seamless",
+		Name:      "capture_disk_bytes",
+		Help:      "Disk space used by the captures kept for conversion or for the next incremental commit.",
+	}, func() float64 {
+		var total int64
+		for _, rec := range collect() {
+			if !rec.CaptureRemoved && rec.State != snapshotter.StateFailed {
+				total += rec.CaptureDiskBytes
+			}
+		}
+		return float64(total)
+	}))
+	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "seamless",
+		Name:      "jobs_unfinished",
+		Help:      "Commits captured and not yet published or failed.",
+	}, func() float64 {
+		n := 0
+		for _, rec := range collect() {
+			if !rec.State.Terminal() && rec.State != snapshotter.StateCapturing {
+				n++
+			}
+		}
+		return float64(n)
+	}))
 }
 
 // Observe records a finished capture; pass it to
@@ -162,7 +237,9 @@ func (s server) createCommit(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	rec, err := s.c.Capture(r.Context(), snapshotter.CommitRequest{Key: key, Target: req.Target, PauseBudget: budget})
+	rec, err := s.c.Capture(r.Context(), snapshotter.CommitRequest{
+		Key: key, Target: req.Target, PauseBudget: budget, Compression: req.Compression, Local: req.Local, Squash: req.Squash,
+	})
 	if err != nil {
 		writeError(w, snapshotter.ErrorCode(err), err)
 		return

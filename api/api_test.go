@@ -80,7 +80,7 @@ func TestAPI(t *testing.T) {
 		{name: "unknown container", method: "POST", path: "/api/v1/commits", body: `{"namespace":"default","container":"nope","target":"r/app"}`, status: 404, code: "CONTAINER_NOT_FOUND"},
 		{name: "neither container nor key", method: "POST", path: "/api/v1/commits", body: `{"target":"r/app"}`, status: 400, code: "INVALID_REQUEST"},
 		{name: "both container and key", method: "POST", path: "/api/v1/commits", body: `{"container":"web","snapshot_key":"k","target":"r"}`, status: 400, code: "INVALID_REQUEST"},
-		{name: "unknown field", method: "POST", path: "/api/v1/commits", body: `{"snapshot_key":"k","target":"r","squash":true}`, status: 400, code: "INVALID_REQUEST"},
+		{name: "unknown field", method: "POST", path: "/api/v1/commits", body: `{"snapshot_key":"k","target":"r","squish":true}`, status: 400, code: "INVALID_REQUEST"},
 		{name: "not json", method: "POST", path: "/api/v1/commits", body: `target=r`, status: 400, code: "INVALID_REQUEST"},
 		{name: "bad pause budget", method: "POST", path: "/api/v1/commits", body: `{"snapshot_key":"k","target":"r","pause_budget":"soon"}`, status: 400, code: snapshotter.CodeInvalidOption},
 		{name: "invalid reference", method: "POST", path: "/api/v1/commits", body: `{"snapshot_key":"k","target":"R"}`, captureErr: refErr, status: 400, code: snapshotter.CodeInvalidReference},

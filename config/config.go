@@ -43,6 +43,8 @@ type Config struct {
 	Snapshotter Snapshotter `toml:"snapshotter"`
 	// Commit configures seamless commits.
 	Commit Commit `toml:"commit"`
+	// Convert configures the conversion of captures into images.
+	Convert Convert `toml:"convert"`
 }
 
 // Capture strategies (see DESIGN §3).
@@ -68,6 +70,46 @@ type Commit struct {
 	// PreCopyConverged ends the pre-copy early once a round finds at most
 	// this many changed entries.
 	PreCopyConverged int `toml:"precopy_converged"`
+}
+
+// Layer compressions.
+const (
+	CompressionGzip = "gzip"
+	CompressionZstd = "zstd"
+)
+
+// Convert configures the background jobs that turn captures into images
+// and push them.
+type Convert struct {
+	// Workers is the number of jobs converted and pushed at once.
+	Workers int `toml:"workers"`
+	// Compression of new layers: gzip (readable everywhere) or zstd.
+	Compression string `toml:"compression"`
+	// MaxLayers bounds the layers commits add on top of the base image:
+	// each commit of a container adds one layer of its changes since the
+	// previous commit, and past this count the chain is squashed into one
+	// layer of every change since the base.
+	MaxLayers int `toml:"max_layers"`
+	// MaxAttempts bounds the tries of a job that fails with a transient
+	// registry error (5xx, reset, timeout).
+	MaxAttempts int `toml:"max_attempts"`
+	// RetryInitial and RetryMax bound the exponential backoff between tries.
+	RetryInitial Duration `toml:"retry_initial"`
+	RetryMax     Duration `toml:"retry_max"`
+	// ContainerdAddress is containerd's socket: base images and blobs are
+	// read from its content store, new blobs written there, and --local
+	// images created in its image store.
+	ContainerdAddress string `toml:"containerd_address"`
+	// SnapshotterName is the name containerd knows this snapshotter by
+	// (its proxy_plugins entry).
+	SnapshotterName string `toml:"snapshotter_name"`
+	// HostsDir holds containerd-style hosts.toml registry configuration
+	// (mirrors, TLS, plain HTTP).
+	HostsDir string `toml:"hosts_dir"`
+	// DockerConfig is the directory of the docker config.json holding
+	// registry credentials (and credential helpers); empty means
+	// $DOCKER_CONFIG, else ~/.docker.
+	DockerConfig string `toml:"docker_config"`
 }
 
 // Duration is a time.Duration written as a string ("500ms") in TOML.
@@ -104,6 +146,22 @@ func Default() Config {
 		Address:  DefaultAddress,
 		LogLevel: DefaultLogLevel,
 		Commit:   DefaultCommit(),
+		Convert:  DefaultConvert(),
+	}
+}
+
+// DefaultConvert is the [convert] section when none is given.
+func DefaultConvert() Convert {
+	return Convert{
+		Workers:           2,
+		Compression:       CompressionGzip,
+		MaxLayers:         10,
+		MaxAttempts:       8,
+		RetryInitial:      Duration(time.Second),
+		RetryMax:          Duration(time.Minute),
+		ContainerdAddress: "/run/containerd/containerd.sock",
+		SnapshotterName:   "seamless",
+		HostsDir:          "/etc/containerd/certs.d",
 	}
 }
 
@@ -195,7 +253,48 @@ func (c Config) Validate() error {
 	if err := overlay.ValidateOptions(c.Snapshotter.MountOptions); err != nil {
 		return fmt.Errorf("snapshotter.mount_options: %w", err)
 	}
-	return c.Commit.Validate()
+	if err := c.Commit.Validate(); err != nil {
+		return err
+	}
+	return c.Convert.Validate()
+}
+
+// Validate checks the [convert] section.
+func (c Convert) Validate() error {
+	if c.Workers < 1 || c.Workers > 64 {
+		return fmt.Errorf("convert.workers: %d must be between 1 and 64", c.Workers)
+	}
+	if err := ValidateCompression(c.Compression); err != nil {
+		return fmt.Errorf("convert.compression: %w", err)
+	}
+	if c.MaxLayers < 1 || c.MaxLayers > 100 {
+		return fmt.Errorf("convert.max_layers: %d must be between 1 and 100", c.MaxLayers)
+	}
+	if c.MaxAttempts < 1 {
+		return fmt.Errorf("convert.max_attempts: %d must be at least 1", c.MaxAttempts)
+	}
+	if c.RetryInitial <= 0 || c.RetryMax < c.RetryInitial {
+		return fmt.Errorf("convert.retry_initial (%v) must be positive and at most convert.retry_max (%v)", time.Duration(c.RetryInitial), time.Duration(c.RetryMax))
+	}
+	if err := absPath("convert.containerd_address", c.ContainerdAddress); err != nil {
+		return err
+	}
+	if c.SnapshotterName == "" {
+		return fmt.Errorf("convert.snapshotter_name: must not be empty")
+	}
+	if c.DockerConfig != "" {
+		return absPath("convert.docker_config", c.DockerConfig)
+	}
+	return nil
+}
+
+// ValidateCompression checks a layer compression name.
+func ValidateCompression(s string) error {
+	switch s {
+	case CompressionGzip, CompressionZstd:
+		return nil
+	}
+	return fmt.Errorf("%q is not one of gzip, zstd", s)
 }
 
 // Validate checks the [commit] section.

@@ -33,9 +33,15 @@ import (
 //
 //	containerd.io/snapshot/seamless.commit=<image reference>
 //	containerd.io/snapshot/seamless.pause-budget=<duration>   (optional)
+//	containerd.io/snapshot/seamless.compression=gzip|zstd     (optional)
+//	containerd.io/snapshot/seamless.local=true                (optional)
+//	containerd.io/snapshot/seamless.squash=true               (optional)
 const (
 	LabelCommit      = "containerd.io/snapshot/seamless.commit"
 	LabelPauseBudget = "containerd.io/snapshot/seamless.pause-budget"
+	LabelCompression = "containerd.io/snapshot/seamless.compression"
+	LabelLocal       = "containerd.io/snapshot/seamless.local"
+	LabelSquash      = "containerd.io/snapshot/seamless.squash"
 	labelPrefix      = "containerd.io/snapshot/seamless."
 )
 
@@ -83,6 +89,15 @@ type CommitRequest struct {
 	Target string
 	// PauseBudget overrides the configured budget when non-zero.
 	PauseBudget time.Duration
+	// Compression of the new layer (gzip, zstd); empty means the
+	// configured default.
+	Compression string
+	// Local imports the image into containerd's image store instead of
+	// pushing it to a registry.
+	Local bool
+	// Squash makes the new layer hold every change since the base image
+	// instead of the changes since the container's previous commit.
+	Squash bool
 }
 
 // normalise validates the request and fills in defaults.
@@ -97,6 +112,11 @@ func (r *CommitRequest) normalise(defaults config.Commit) error {
 	}
 	if r.PauseBudget < 0 || r.PauseBudget > time.Minute {
 		return commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "pause budget %v must be positive and at most 1m", r.PauseBudget)
+	}
+	if r.Compression != "" {
+		if err := config.ValidateCompression(r.Compression); err != nil {
+			return commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "compression %w", err)
+		}
 	}
 	return nil
 }
@@ -130,8 +150,20 @@ func commitRequestFromLabels(key string, before, after map[string]string, fieldp
 				return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "label %s=%q is not a duration", k, v)
 			}
 			req.PauseBudget = d
+		case LabelCompression:
+			req.Compression = v
+		case LabelLocal, LabelSquash:
+			b, perr := strconv.ParseBool(v)
+			if perr != nil {
+				return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "label %s=%q is not true or false", k, v)
+			}
+			if k == LabelLocal {
+				req.Local = b
+			} else {
+				req.Squash = b
+			}
 		default:
-			return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "unknown seamless label %s (known: %s, %s)", k, LabelCommit, LabelPauseBudget)
+			return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "unknown seamless label %s (known: %s, %s, %s, %s, %s)", k, LabelCommit, LabelPauseBudget, LabelCompression, LabelLocal, LabelSquash)
 		}
 	}
 	return req, true, nil
@@ -169,19 +201,19 @@ func (r *reservation) release() {
 }
 
 // checkCommittable validates a request against the metadata: the key must
-// name an active snapshot. It returns the snapshot's ID.
-func checkCommittable(ctx context.Context, key string) (string, error) {
+// name an active snapshot. It returns the snapshot's ID and info.
+func checkCommittable(ctx context.Context, key string) (string, snapshots.Info, error) {
 	id, info, _, err := storage.GetInfo(ctx, key)
 	if errdefs.IsNotFound(err) {
-		return "", commitErr(CodeSnapshotNotFound, errdefs.ErrNotFound, "snapshot %q does not exist", key)
+		return "", info, commitErr(CodeSnapshotNotFound, errdefs.ErrNotFound, "snapshot %q does not exist", key)
 	}
 	if err != nil {
-		return "", err
+		return "", info, err
 	}
 	if info.Kind != snapshots.KindActive {
-		return "", commitErr(CodeNotActive, errdefs.ErrFailedPrecondition, "snapshot %q is %v: only an active (writable) snapshot can be committed", key, info.Kind)
+		return "", info, commitErr(CodeNotActive, errdefs.ErrFailedPrecondition, "snapshot %q is %v: only an active (writable) snapshot can be committed", key, info.Kind)
 	}
-	return id, nil
+	return id, info, nil
 }
 
 // Capture commits an active snapshot seamlessly: it freezes the processes
@@ -195,7 +227,7 @@ func (o *Snapshotter) Capture(ctx context.Context, req CommitRequest) (Commit, e
 	}
 	var snapshotID string
 	if err := withTransaction(ctx, o.ms, false, func(ctx context.Context, _ *bolt.Tx) (err error) {
-		snapshotID, err = checkCommittable(ctx, req.Key)
+		snapshotID, _, err = checkCommittable(ctx, req.Key)
 		return err
 	}); err != nil {
 		return Commit{}, err
@@ -232,6 +264,9 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		Target:      req.Target,
 		State:       StateCapturing,
 		Strategy:    o.strategy,
+		Local:       req.Local,
+		Squash:      req.Squash,
+		Compression: req.Compression,
 		CreatedAt:   now,
 		UpdatedAt:   now,
 	}
@@ -244,7 +279,12 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	// Recorded before anything touches the disk: a crash from here on
 	// leaves a record that recovery turns into a failure, and recovery
 	// removes the temporary capture.
-	if err := withTransaction(ctx, o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+	if err := withTransaction(ctx, o.ms, true, func(ctx context.Context, tx *bolt.Tx) error {
+		// The parent names the base image's layers, which the conversion
+		// needs even if the container is gone by then.
+		if _, info, _, err := storage.GetInfo(ctx, req.Key); err == nil {
+			rec.Parent = info.Parent
+		}
 		return putCommit(tx, rec)
 	}); err != nil {
 		return rec, fmt.Errorf("record commit: %w", err)
@@ -327,7 +367,7 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	err = withTransaction(ctx, o.ms, true, func(ctx context.Context, tx *bolt.Tx) error {
 		// The snapshot may have been removed while it was captured; the
 		// capture is still a faithful copy, but say so in the log.
-		if _, err := checkCommittable(ctx, req.Key); err != nil {
+		if _, _, err := checkCommittable(ctx, req.Key); err != nil {
 			log.G(ctx).WithError(err).Info("snapshot changed during capture; keeping the capture")
 		}
 		gen, err := nextGeneration(tx, snapshotID)
@@ -400,9 +440,20 @@ type capturer interface {
 // point-in-time for data being written).
 type subvolumeSnapshot struct{ src, dst string }
 
-func (subvolumeSnapshot) needsPreCopy() bool { return false }
+// needsPreCopy: one round, a flush. The snapshot taken under the freeze
+// commits a btrfs transaction, which writes out everything changed since
+// the previous one: right after a container created 100k files, 0.3 s of
+// pause instead of 20 ms.
+func (subvolumeSnapshot) needsPreCopy() bool { return true }
 
-func (subvolumeSnapshot) PreCopy(context.Context) (capture.Stats, error) { return capture.Stats{}, nil }
+// PreCopy flushes the filesystem while the container runs, so that the
+// snapshot under the freeze only writes what changed since. It reports
+// nothing dirty: one round is all it takes.
+func (s subvolumeSnapshot) PreCopy(context.Context) (capture.Stats, error) {
+	start := time.Now()
+	err := overlay.SyncFS(s.src)
+	return capture.Stats{Duration: time.Since(start)}, err
+}
 
 func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats, error) {
 	start := time.Now()
@@ -448,6 +499,8 @@ func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, cop
 
 	budgetCtx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
+	o.gate.enter()
+	defer o.gate.leave()
 	// The pause starts when the freeze is requested, after the intent is
 	// durable: recording it (an fsync) does not stop the container.
 	start := time.Now()

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -20,9 +21,46 @@ const (
 	StateCapturing CommitState = "capturing"
 	// StatePending: captured, waiting for conversion into an image.
 	StatePending CommitState = "pending"
+	// StateConverting: the layer, config and manifest are being built.
+	StateConverting CommitState = "converting"
+	// StatePushing: the image is being pushed (or imported, for --local).
+	StatePushing CommitState = "pushing"
+	// StateDone: the image is published; see Commit.ImageDigest.
+	StateDone CommitState = "done"
 	// StateFailed: the commit ended with an error (see Commit.Error).
 	StateFailed CommitState = "failed"
 )
+
+// Terminal reports whether a commit in this state will not change again.
+func (s CommitState) Terminal() bool { return s == StateDone || s == StateFailed }
+
+// Layer is one layer a commit added on top of the base image.
+type Layer struct {
+	MediaType string        `json:"media_type"`
+	Digest    digest.Digest `json:"digest"`
+	Size      int64         `json:"size"`
+	DiffID    digest.Digest `json:"diff_id"`
+	// Commit is the commit whose capture the layer holds the changes of.
+	Commit string `json:"commit"`
+	// Created is that commit's capture instant, for the image history.
+	Created time.Time `json:"created"`
+	// Squashed is set when the layer holds every change since the base
+	// image, replacing earlier commits' layers.
+	Squashed bool `json:"squashed,omitempty"`
+}
+
+// BaseImage is the image a committed container was created from.
+type BaseImage struct {
+	Name      string        `json:"name"`
+	Digest    digest.Digest `json:"digest"`
+	MediaType string        `json:"media_type"`
+}
+
+// Progress counts the bytes of a job's current phase.
+type Progress struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
 
 // Commit is the durable record of one seamless commit.
 type Commit struct {
@@ -48,12 +86,49 @@ type Commit struct {
 	// CaptureBytes is the data copied or cloned in all rounds.
 	CaptureBytes int64 `json:"capture_bytes"`
 	// CaptureEntries is the number of entries in the captured layer.
-	CaptureEntries int64     `json:"capture_entries"`
-	PreCopyRounds  int       `json:"precopy_rounds"`
-	Error          string    `json:"error,omitempty"`
-	ErrorCode      string    `json:"error_code,omitempty"`
-	CreatedAt      time.Time `json:"created_at"`
-	UpdatedAt      time.Time `json:"updated_at"`
+	CaptureEntries int64 `json:"capture_entries"`
+	PreCopyRounds  int   `json:"precopy_rounds"`
+
+	// Local imports the image into containerd's image store instead of
+	// pushing it.
+	Local bool `json:"local,omitempty"`
+	// Squash asks for one layer of every change since the base image.
+	Squash bool `json:"squash,omitempty"`
+	// Compression of the new layer; empty means the configured default.
+	Compression string `json:"compression,omitempty"`
+	// Parent is the backend name of the committed snapshot under the
+	// active one: the base image's top layer, whose last path element
+	// containerd's unpacker sets to the layer chain's ID. Empty for a
+	// container without an image.
+	Parent string `json:"parent,omitempty"`
+
+	// Conversion, filled in by the job.
+	Base *BaseImage `json:"base,omitempty"`
+	// Layers are the layers the image has on top of the base, oldest
+	// first; the last one holds this commit's changes.
+	Layers []Layer `json:"layers,omitempty"`
+	// ImageDigest is the digest of the pushed (or imported) manifest.
+	ImageDigest digest.Digest `json:"image_digest,omitempty"`
+	// UploadedBytes counts the blob bytes the registry did not have:
+	// with incremental layers, about the size of the changes since the
+	// previous commit.
+	UploadedBytes int64    `json:"uploaded_bytes,omitempty"`
+	Progress      Progress `json:"progress"`
+	// Attempts counts the conversion tries; NextAttempt is when a job that
+	// failed transiently runs again.
+	Attempts    int       `json:"attempts,omitempty"`
+	NextAttempt time.Time `json:"next_attempt,omitzero"`
+	// CaptureRemoved is set once no job needs the capture any more and
+	// its directory is (being) deleted.
+	CaptureRemoved bool `json:"capture_removed,omitempty"`
+	// CaptureDiskBytes is the disk space the capture uses on its own.
+	CaptureDiskBytes int64 `json:"capture_disk_bytes,omitempty"`
+
+	Error      string    `json:"error,omitempty"`
+	ErrorCode  string    `json:"error_code,omitempty"`
+	CreatedAt  time.Time `json:"created_at"`
+	UpdatedAt  time.Time `json:"updated_at"`
+	FinishedAt time.Time `json:"finished_at,omitzero"`
 }
 
 // Buckets below seamless.v1:

@@ -20,7 +20,8 @@ import (
 //   - cgroups recorded as frozen by us are thawed, so that no container
 //     stays frozen because its snapshotter died;
 //   - commits still "capturing" become failed;
-//   - temporary captures, and captures no commit record owns, are removed.
+//   - temporary captures, and captures no commit record owns (failed
+//     commits, and those whose removal was cut short), are removed.
 //
 // It runs at start, before the snapshotter serves anything.
 func (o *Snapshotter) recover(ctx context.Context) error {
@@ -34,10 +35,10 @@ func (o *Snapshotter) recover(ctx context.Context) error {
 			return err
 		}
 		return forEachCommit(tx, func(c Commit) error {
-			switch c.State {
-			case StateCapturing:
+			switch {
+			case c.State == StateCapturing:
 				interrupted = append(interrupted, c)
-			case StateFailed:
+			case c.State == StateFailed, c.CaptureRemoved:
 			default:
 				owned[c.ID] = true
 			}

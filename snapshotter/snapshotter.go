@@ -56,6 +56,7 @@ type Snapshotter struct {
 
 	capturingMu sync.Mutex
 	capturing   map[string]string // snapshot ID -> commit ID being captured
+	gate        freezeGate
 
 	// Captures started by the label trigger run in the background, under
 	// backgroundCtx; Close cancels it and waits for them.
@@ -235,7 +236,7 @@ func (o *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 			if err := req.normalise(o.commitCfg); err != nil {
 				return err
 			}
-			if snapID, err = checkCommittable(ctx, info.Name); err != nil {
+			if snapID, _, err = checkCommittable(ctx, info.Name); err != nil {
 				return err
 			}
 			commitID = newCommitID()
