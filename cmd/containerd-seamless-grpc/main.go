@@ -56,6 +56,8 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, bool, error) {
 		address     = fs.String("address", "", "gRPC unix socket for containerd (default "+config.DefaultAddress+")")
 		apiAddress  = fs.String("api-address", "", "HTTP API unix socket (default api.sock beside --address)")
 		logLevel    = fs.String("log-level", "", "trace, debug, info, warn, error (default "+config.DefaultLogLevel+")")
+		containerd  = fs.String("containerd-address", "", "containerd's socket, for building and pushing images (default "+config.DefaultConvert().ContainerdAddress+")")
+		hostsDir    = fs.String("hosts-dir", "", "registry hosts.toml directory (default "+config.DefaultConvert().HostsDir+")")
 		showVersion = fs.Bool("version", false, "print the version and exit")
 	)
 	if err := fs.Parse(args); err != nil {
@@ -87,6 +89,12 @@ func parseFlags(args []string, stderr io.Writer) (config.Config, bool, error) {
 	}
 	if set["log-level"] {
 		cfg.LogLevel = *logLevel
+	}
+	if set["containerd-address"] {
+		cfg.Convert.ContainerdAddress = *containerd
+	}
+	if set["hosts-dir"] {
+		cfg.Convert.HostsDir = *hostsDir
 	}
 	return cfg, false, cfg.Validate()
 }

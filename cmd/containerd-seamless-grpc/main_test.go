@@ -50,6 +50,7 @@ func TestFlagsOverrideFileOverridesDefaults(t *testing.T) {
 		{name: "relative root", args: []string{"--config", file, "--root", "rel"}, wantErr: "root:"},
 		{name: "stray argument", args: []string{"--config", file, "serve"}, wantErr: "unexpected arguments"},
 		{name: "unknown flag", args: []string{"--rooot", "/x"}, wantErr: "rooot"},
+		{name: "relative containerd address", args: []string{"--config", file, "--containerd-address", "c.sock"}, wantErr: "convert.containerd_address"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, _, err := parseFlags(tc.args, io.Discard)
@@ -111,6 +112,7 @@ func testConfig(t *testing.T) config.Config {
 		Address:  filepath.Join(dir, "run", "s.sock"),
 		LogLevel: "info",
 		Commit:   config.DefaultCommit(),
+		Convert:  config.DefaultConvert(),
 	}
 }
 

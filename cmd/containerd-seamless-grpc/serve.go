@@ -20,6 +20,7 @@ import (
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/api"
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/convert"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
 
@@ -33,7 +34,17 @@ func serve(ctx context.Context, cfg config.Config) error {
 		return err
 	}
 	metrics := api.NewMetrics()
-	opts := append(snapshotter.ConfigOptions(cfg.Snapshotter, cfg.Commit), snapshotter.WithCommitObserver(metrics.Observe))
+	// Every capture that ends wakes the converter, which is made after the
+	// snapshotter it reads from.
+	captured := make(chan struct{}, 1)
+	opts := append(snapshotter.ConfigOptions(cfg.Snapshotter, cfg.Commit),
+		snapshotter.WithCommitObserver(metrics.Observe),
+		snapshotter.WithCommitObserver(func(snapshotter.Commit) {
+			select {
+			case captured <- struct{}{}:
+			default:
+			}
+		}))
 	sn, err := snapshotter.New(ctx, cfg.Root, opts...)
 	if err != nil {
 		return err
@@ -42,6 +53,34 @@ func serve(ctx context.Context, cfg config.Config) error {
 		if err := sn.Close(); err != nil {
 			log.G(ctx).WithError(err).Error("failed to close snapshotter")
 		}
+	}()
+	metrics.WatchCaptures(sn)
+
+	conv, err := convert.New(sn, cfg.Convert, convert.WithJobObserver(metrics.ObserveJob))
+	if err != nil {
+		return err
+	}
+	convCtx, stopConverter := context.WithCancel(ctx)
+	convDone := make(chan struct{})
+	go func() {
+		defer close(convDone)
+		conv.Run(convCtx)
+	}()
+	go func() {
+		for {
+			select {
+			case <-convCtx.Done():
+				return
+			case <-captured:
+				conv.Wake()
+			}
+		}
+	}()
+	// Stopped before the snapshotter closes its database (deferred
+	// above, so it runs after this).
+	defer func() {
+		stopConverter()
+		<-convDone
 	}()
 
 	l, err := listenUnix(cfg.Address)

@@ -1,0 +1,325 @@
+//go:build linux
+
+package convert
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/layer"
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
+)
+
+const (
+	// leasePrefix names the containerd lease that holds a commit's blobs.
+	leasePrefix = "seamless.commit."
+	// labelUncompressed is containerd's content label for a layer's
+	// diff ID.
+	labelUncompressed = "containerd.io/uncompressed"
+	// labelCommit marks images and leases with the commit they come from.
+	labelCommit = "io.seamless.commit"
+	// abortTimeout bounds the clean-up of a partial blob.
+	abortTimeout = 10 * time.Second
+)
+
+// convert runs one try of a job, from wherever a previous try stopped.
+func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapshotter.Commit, error) {
+	client, err := cv.containerd(ctx)
+	if err != nil {
+		return c, err
+	}
+	ns, _, err := splitKey(c.SnapshotKey)
+	if err != nil {
+		return c, err
+	}
+	ctx = namespaces.WithNamespace(ctx, ns)
+	if ctx, err = cv.withLease(ctx, client, c.ID); err != nil {
+		return c, err
+	}
+	if c, err = cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
+		r.State = snapshotter.StateConverting
+		r.Attempts++
+		r.NextAttempt = time.Time{}
+		r.Progress = snapshotter.Progress{}
+		if r.CaptureDiskBytes == 0 {
+			r.CaptureDiskBytes = diskUsage(cv.store.CaptureUpper(r.ID))
+		}
+		return nil
+	}); err != nil {
+		return c, err
+	}
+
+	base, err := cv.resolveBase(ctx, client, c)
+	if err != nil {
+		return c, err
+	}
+	name := c.Compression
+	if name == "" {
+		name = cv.cfg.Compression
+	}
+	comp, err := ParseCompression(name)
+	if err != nil {
+		return c, permanentErr(CodeConvertFailed, err)
+	}
+	// zstd layers have no Docker media type: their image is OCI.
+	docker := base.docker && comp == CompressionGzip
+	cs := client.ContentStore()
+	layers, err := cv.layers(ctx, client, c, base, comp, docker)
+	if err != nil {
+		return c, err
+	}
+	img, err := buildImage(base, c, layers, docker)
+	if err != nil {
+		return c, permanentErr(CodeConvertFailed, err)
+	}
+	if err := writeImage(ctx, cs, c.ID, img); err != nil {
+		return c, err
+	}
+
+	var total int64
+	for _, d := range append(img.blobs(), img.manifestDesc) {
+		total += d.Size
+	}
+	if c, err = cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
+		r.Base = base.record()
+		r.Layers = layers
+		r.State = snapshotter.StatePushing
+		r.Progress = snapshotter.Progress{Total: total}
+		return nil
+	}); err != nil {
+		return c, err
+	}
+	prog := newProgress(total, cv.store.WaitUnfrozen)
+	stop := cv.track(ctx, c.ID, prog)
+	if c.Local {
+		err = cv.importLocal(ctx, client, c, img)
+		prog.add(total)
+	} else {
+		err = cv.push(ctx, cs, c.Target, base, img, prog)
+	}
+	stop()
+	if err != nil {
+		return c, err
+	}
+	return cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
+		r.State = snapshotter.StateDone
+		r.ImageDigest = img.manifestDesc.Digest
+		r.UploadedBytes = prog.uploaded.Load()
+		r.Progress = snapshotter.Progress{Done: total, Total: total}
+		r.Error, r.ErrorCode = "", ""
+		r.FinishedAt = time.Now().UTC()
+		return nil
+	})
+}
+
+// layers returns the commit layers of c's image, building c's own: the
+// changes since the container's previous published commit, on top of that
+// commit's layers, or every change since the base when there is no usable
+// previous commit or the chain reached MaxLayers.
+func (cv *Converter) layers(ctx context.Context, client *containerd.Client, c snapshotter.Commit, base *baseImage, comp Compression, docker bool) ([]snapshotter.Layer, error) {
+	cs := client.ContentStore()
+	// A try cut short after the layer was written reuses it.
+	if n := len(c.Layers); n > 0 && c.Layers[n-1].Commit == c.ID && haveBlobs(ctx, cs, c.Layers) {
+		return c.Layers, nil
+	}
+	mediaType, err := comp.MediaType(docker)
+	if err != nil {
+		return nil, permanentErr(CodeConvertFailed, err)
+	}
+	all, err := cv.store.ListCommits(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var chain []snapshotter.Layer
+	opts := layer.Options{}
+	prev := previousCommit(all, c, base, cv.cfg.MaxLayers)
+	if prev != nil && haveBlobs(ctx, cs, prev.Layers) {
+		chain = append(chain, prev.Layers...)
+		opts.Previous = cv.store.CaptureUpper(prev.ID)
+		// The chain's blobs were written under earlier commits' leases,
+		// which go once this commit is done.
+		if err := cv.hold(ctx, client, c.ID, prev.Layers); err != nil {
+			return nil, err
+		}
+	}
+	l, err := cv.buildLayer(ctx, cs, c, comp, mediaType, opts)
+	if err != nil {
+		return nil, err
+	}
+	l.Squashed = opts.Previous == ""
+	return append(chain, l), nil
+}
+
+// previousCommit is the commit whose layers c's layer builds on: the
+// newest published commit of the same container, over the same base, with
+// its capture still on disk and room left in its chain.
+func previousCommit(all []snapshotter.Commit, c snapshotter.Commit, base *baseImage, maxLayers int) *snapshotter.Commit {
+	var prev *snapshotter.Commit
+	for i, p := range all {
+		if p.SnapshotID != c.SnapshotID || p.Generation >= c.Generation || p.State != snapshotter.StateDone || p.CaptureRemoved {
+			continue
+		}
+		if prev == nil || p.Generation > prev.Generation {
+			prev = &all[i]
+		}
+	}
+	if c.Squash || prev == nil || prev.Parent != c.Parent || len(prev.Layers) == 0 || len(prev.Layers) >= maxLayers {
+		return nil
+	}
+	if (prev.Base == nil) != (base.name == "") || (prev.Base != nil && prev.Base.Digest != base.target.Digest) {
+		return nil
+	}
+	return prev
+}
+
+func haveBlobs(ctx context.Context, cs content.Store, layers []snapshotter.Layer) bool {
+	for _, l := range layers {
+		if _, err := cs.Info(ctx, l.Digest); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// buildLayer writes c's capture as a compressed layer straight into
+// containerd's content store: one walk, compressed and digested as it is
+// written, with no uncompressed copy anywhere.
+func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapshotter.Commit, comp Compression, mediaType string, opts layer.Options) (snapshotter.Layer, error) {
+	upper := cv.store.CaptureUpper(c.ID)
+	ref := "seamless-layer-" + c.ID
+	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref))
+	if err != nil {
+		return snapshotter.Layer{}, transientErr(CodeContainerdError, fmt.Errorf("open content writer: %w", err))
+	}
+	defer w.Close()
+	// A previous try may have left part of the blob.
+	if err := w.Truncate(0); err != nil {
+		return snapshotter.Layer{}, err
+	}
+	prog := newProgress(0, cv.store.WaitUnfrozen)
+	stop := cv.track(ctx, c.ID, prog)
+	defer stop()
+	buf := bufio.NewWriterSize(w, 1<<20)
+	blob, err := CompressLayer(ctx, buf, comp, func(tw io.Writer) error {
+		_, err := layer.Write(ctx, prog.writer(ctx, tw), upper, opts)
+		return err
+	})
+	if err == nil {
+		err = buf.Flush()
+	}
+	if err == nil {
+		err = w.Commit(ctx, blob.Size, blob.Digest, content.WithLabels(map[string]string{labelUncompressed: blob.DiffID.String()}))
+		if errdefs.IsAlreadyExists(err) {
+			err = nil
+		}
+	}
+	if err != nil {
+		// Shutting down: the next try truncates the ingest anyway, and
+		// containerd may be gone, so do not wait for it.
+		if ctx.Err() == nil {
+			actx, cancel := context.WithTimeout(ctx, abortTimeout)
+			if aerr := cs.Abort(actx, ref); aerr != nil && !errdefs.IsNotFound(aerr) {
+				log.G(ctx).WithError(aerr).Warn("cannot abort partial layer upload")
+			}
+			cancel()
+		}
+		return snapshotter.Layer{}, layerErr(err)
+	}
+	return snapshotter.Layer{
+		MediaType: mediaType,
+		Digest:    blob.Digest,
+		Size:      blob.Size,
+		DiffID:    blob.DiffID,
+		Commit:    c.ID,
+		Created:   c.CapturedAt,
+	}, nil
+}
+
+// layerErr classifies a failure to build a layer: containerd going away
+// is worth another try; a capture that cannot be read, or a content store
+// that is full, is not.
+func layerErr(err error) error {
+	err = errgrpc.ToNative(err)
+	if errdefs.IsUnavailable(err) || errdefs.IsCanceled(err) || errdefs.IsDeadlineExceeded(err) {
+		return transientErr(CodeContainerdError, fmt.Errorf("build layer from capture: %w", err))
+	}
+	return permanentErr(CodeConvertFailed, fmt.Errorf("build layer from capture: %w", err))
+}
+
+// writeImage stores config and manifest in the content store; the
+// manifest's labels keep its config and layers from containerd's GC.
+func writeImage(ctx context.Context, cs content.Store, commitID string, img *builtImage) error {
+	if err := content.WriteBlob(ctx, cs, "seamless-config-"+commitID, bytes.NewReader(img.config), img.configDesc); err != nil {
+		return fmt.Errorf("write config: %w", err)
+	}
+	if err := content.WriteBlob(ctx, cs, "seamless-manifest-"+commitID, bytes.NewReader(img.manifest), img.manifestDesc, content.WithLabels(img.gcLabels())); err != nil {
+		return fmt.Errorf("write manifest: %w", err)
+	}
+	// The manifest may exist from an earlier try, without labels.
+	_, err := cs.Update(ctx, content.Info{Digest: img.manifestDesc.Digest, Labels: img.gcLabels()}, fieldPaths(img.gcLabels())...)
+	return err
+}
+
+func fieldPaths(labels map[string]string) []string {
+	paths := make([]string, 0, len(labels))
+	for k := range labels {
+		paths = append(paths, "labels."+k)
+	}
+	return paths
+}
+
+// importLocal makes the image available on this node: an image record in
+// the commit's namespace, unpacked into this snapshotter so that it runs
+// at once.
+func (cv *Converter) importLocal(ctx context.Context, client *containerd.Client, c snapshotter.Commit, img *builtImage) error {
+	is := client.ImageService()
+	record := images.Image{Name: c.Target, Target: img.manifestDesc, Labels: map[string]string{labelCommit: c.ID}}
+	if _, err := is.Create(ctx, record); err != nil {
+		if !errdefs.IsAlreadyExists(err) {
+			return fmt.Errorf("create image %s: %w", c.Target, err)
+		}
+		if _, err := is.Update(ctx, record, "target", "labels."+labelCommit); err != nil {
+			return fmt.Errorf("update image %s: %w", c.Target, err)
+		}
+	}
+	if err := containerd.NewImage(client, record).Unpack(ctx, cv.cfg.SnapshotterName); err != nil {
+		// The image exists and a run unpacks it; say why it is not yet.
+		log.G(ctx).WithError(err).Warn("image imported but not unpacked")
+	}
+	return nil
+}
+
+// withLease creates (or finds) the commit's lease and returns a context
+// whose content writes it holds.
+func (cv *Converter) withLease(ctx context.Context, client *containerd.Client, commitID string) (context.Context, error) {
+	_, err := client.LeasesService().Create(ctx, leases.WithID(leasePrefix+commitID), leases.WithLabels(map[string]string{labelCommit: commitID}))
+	if err != nil && !errdefs.IsAlreadyExists(err) {
+		return ctx, transientErr(CodeContainerdError, fmt.Errorf("create lease: %w", err))
+	}
+	return leases.WithLease(ctx, leasePrefix+commitID), nil
+}
+
+// hold adds blobs to the commit's lease.
+func (cv *Converter) hold(ctx context.Context, client *containerd.Client, commitID string, layers []snapshotter.Layer) error {
+	ls := client.LeasesService()
+	for _, l := range layers {
+		err := ls.AddResource(ctx, leases.Lease{ID: leasePrefix + commitID}, leases.Resource{ID: l.Digest.String(), Type: "content"})
+		if err != nil && !errdefs.IsAlreadyExists(err) {
+			return fmt.Errorf("hold layer %s: %w", l.Digest, err)
+		}
+	}
+	return nil
+}
