@@ -13,11 +13,13 @@ import (
 
 // Exit codes.
 const (
-	exitOK          = 0
-	exitError       = 1
-	exitUsage       = 2
-	exitNotFound    = 3
-	exitPermission  = 4
+	exitOK         = 0
+	exitError      = 1
+	exitUsage      = 2
+	exitNotFound   = 3
+	exitPermission = 4
+	// exitUnreachable is a network failure: containerd, the daemon or the
+	// registry could not be reached, or the registry refused a push.
 	exitUnreachable = 5
 )
 
@@ -76,18 +78,54 @@ var notFoundCodes = map[string]bool{
 	"COMMIT_NOT_FOUND":    true,
 }
 
+// jobExitCodes maps the error code of a failed commit job to the exit
+// code of wait and commit --wait: this table is the one place that decides.
+// Codes not listed (CONVERT_FAILED, BASE_IMAGE_NOT_FOUND,
+// INVALID_REFERENCE, INTERRUPTED, CAPTURE_FAILED, PAUSE_BUDGET_EXCEEDED,
+// ...) exit 1.
+var jobExitCodes = map[string]int{
+	// The registry or the network failed: exit 5. Rejected credentials
+	// are a registry failure too: 4 is for this node's permissions (the
+	// API socket).
+	"REGISTRY_AUTH":        exitUnreachable,
+	"REGISTRY_UNREACHABLE": exitUnreachable,
+	"REGISTRY_ERROR":       exitUnreachable,
+	"PUSH_FAILED":          exitUnreachable,
+	// The daemon lost containerd: the same exit code as when seamlessctl
+	// cannot reach containerd itself.
+	"CONTAINERD_UNREACHABLE": exitUnreachable,
+}
+
+// jobFailedError is a commit whose job ended in state failed.
+type jobFailedError struct {
+	id, code, message string
+}
+
+func (e *jobFailedError) Error() string {
+	if e.code == "" {
+		return fmt.Sprintf("commit %s failed: %s", e.id, e.message)
+	}
+	return fmt.Sprintf("commit %s failed: [%s] %s", e.id, e.code, e.message)
+}
+
 // exitCode maps an error to seamlessctl's exit code.
 func exitCode(err error) int {
 	var (
-		usage *usageError
-		conn  *connError
-		api   *apiError
+		usage  *usageError
+		conn   *connError
+		api    *apiError
+		failed *jobFailedError
 	)
 	switch {
 	case err == nil:
 		return exitOK
 	case errors.As(err, &usage):
 		return exitUsage
+	case errors.As(err, &failed):
+		if code, ok := jobExitCodes[failed.code]; ok {
+			return code
+		}
+		return exitError
 	case errors.As(err, &conn):
 		if conn.permission() {
 			return exitPermission

@@ -46,6 +46,18 @@ func TestExitCode(t *testing.T) {
 		{"containerd permission", fmt.Errorf("list: %w", errdefs.ErrPermissionDenied), exitPermission},
 		{"containerd unavailable", fmt.Errorf("list: %w", errdefs.ErrUnavailable), exitUnreachable},
 		{"ENOENT that is not a dial", &os.PathError{Op: "open", Path: "/x", Err: syscall.ENOENT}, exitError},
+		{"job REGISTRY_AUTH", &jobFailedError{code: "REGISTRY_AUTH"}, exitUnreachable},
+		{"job REGISTRY_UNREACHABLE", &jobFailedError{code: "REGISTRY_UNREACHABLE"}, exitUnreachable},
+		{"job REGISTRY_ERROR", &jobFailedError{code: "REGISTRY_ERROR"}, exitUnreachable},
+		{"job PUSH_FAILED", fmt.Errorf("x: %w", &jobFailedError{code: "PUSH_FAILED"}), exitUnreachable},
+		{"job CONTAINERD_UNREACHABLE", &jobFailedError{code: "CONTAINERD_UNREACHABLE"}, exitUnreachable},
+		{"job CONVERT_FAILED", &jobFailedError{code: "CONVERT_FAILED"}, exitError},
+		{"job BASE_IMAGE_NOT_FOUND", &jobFailedError{code: "BASE_IMAGE_NOT_FOUND"}, exitError},
+		{"job INVALID_REFERENCE", &jobFailedError{code: "INVALID_REFERENCE"}, exitError},
+		{"job INTERRUPTED", &jobFailedError{code: "INTERRUPTED"}, exitError},
+		{"job CAPTURE_FAILED", &jobFailedError{code: "CAPTURE_FAILED"}, exitError},
+		{"job PAUSE_BUDGET_EXCEEDED", &jobFailedError{code: "PAUSE_BUDGET_EXCEEDED"}, exitError},
+		{"job without a code", &jobFailedError{}, exitError},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := exitCode(tc.err); got != tc.want {
@@ -61,6 +73,8 @@ func TestErrorLine(t *testing.T) {
 		want string
 	}{
 		{errors.New("boom"), "boom"},
+		{&jobFailedError{id: "c1", code: "REGISTRY_AUTH", message: "401 Unauthorized"}, "commit c1 failed: [REGISTRY_AUTH] 401 Unauthorized"},
+		{&jobFailedError{id: "c1", message: "boom"}, "commit c1 failed: boom"},
 		{&apiError{status: 503, code: "PAUSE_BUDGET_EXCEEDED", message: "freeze did not finish within 1ns"}, "[PAUSE_BUDGET_EXCEEDED] freeze did not finish within 1ns"},
 		{&apiError{status: 502, message: "daemon API answered 502 Bad Gateway: oops"}, "daemon API answered 502 Bad Gateway: oops"},
 		{&connError{what: "containerd", address: "/x.sock", hint: "see --address", err: errors.New("dial unix /x.sock: connect: connection refused")},

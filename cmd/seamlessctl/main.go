@@ -43,6 +43,7 @@ Usage:
 
 Commands:
   commit    capture a running container's writable layer and publish it as an image
+  wait      wait for a commit's image to be published, showing the progress
   status    show one commit
   list      list commits
   version   print the version
@@ -54,8 +55,20 @@ Global options (also accepted after the command):
       --api-address PATH   seamless daemon API socket ($SEAMLESS_API_ADDRESS, default %s)
 
 Exit codes:
-  0 ok, 1 error, 2 usage, 3 container or commit not found,
-  4 permission denied, 5 containerd or daemon unreachable
+  0  ok
+  1  error, including a failed commit job that is not a registry failure,
+     and a wait that timed out (the job keeps running)
+  2  usage: bad options or arguments
+  3  container or commit not found
+  4  permission denied (e.g. the API socket is root-only)
+  5  registry or network: containerd, the daemon or the registry could not
+     be reached, or the registry refused a commit's push (job error codes
+     REGISTRY_AUTH, REGISTRY_UNREACHABLE, REGISTRY_ERROR, PUSH_FAILED,
+     CONTAINERD_UNREACHABLE)
+
+Examples:
+  seamlessctl commit --container web --target registry.example.com/app:snap1 --wait
+  seamlessctl list
 
 Run 'seamlessctl <command> --help' for a command's options and examples.
 `
@@ -105,6 +118,7 @@ type command struct {
 func commands() map[string]command {
 	return map[string]command{
 		"commit":  {commitUsage, runCommit},
+		"wait":    {waitUsage, runWait},
 		"status":  {statusUsage, runStatus},
 		"list":    {listUsage, runList},
 		"version": {versionUsage, runVersion},
@@ -143,7 +157,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	cmd, ok := commands()[name]
 	if !ok {
-		return c.fail(usageErrorf("unknown command %q; the commands are commit, status, list and version", name), usage, "seamlessctl --help")
+		return c.fail(usageErrorf("unknown command %q; the commands are commit, wait, status, list and version", name), usage, "seamlessctl --help")
 	}
 	return c.fail(cmd.run(ctx, c, rest), cmd.usage, "seamlessctl "+name+" --help")
 }

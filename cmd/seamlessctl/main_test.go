@@ -94,11 +94,14 @@ func TestCommands(t *testing.T) {
 		stderr string   // must appear; "" means stderr must be empty
 	}{
 		// Help and usage.
-		{name: "help", args: []string{"--help"}, stdout: []string{"Usage:", "commit", "Exit codes:", "/run/containerd/containerd.sock", "/run/containerd-seamless/api.sock"}},
+		{name: "help", args: []string{"--help"}, stdout: []string{"Usage:", "commit", "wait ", "Exit codes:", "5  registry or network", "/run/containerd/containerd.sock", "/run/containerd-seamless/api.sock"}},
 		{name: "help shows env defaults", env: map[string]string{envNamespace: "k8s.io"}, args: []string{"help"}, stdout: []string{"default k8s.io)"}},
 		{name: "help commit", args: []string{"help", "commit"}, stdout: []string{"--pause-budget", "Examples:"}},
 		{name: "commit --help", args: []string{"commit", "--help"}, stdout: []string{"--container", "Examples:"}},
 		{name: "list -h", args: []string{"list", "-h"}, stdout: []string{"--state", "Examples:"}},
+		{name: "wait --help", args: []string{"wait", "--help"}, stdout: []string{"--timeout", "done: <target>@<digest>", "Examples:"}},
+		{name: "help wait", args: []string{"help", "wait"}, stdout: []string{"Usage: seamlessctl wait"}},
+		{name: "commit help shows the new options", args: []string{"commit", "--help"}, stdout: []string{"--wait", "--timeout", "--local", "--compression"}},
 		{name: "no command", code: exitUsage, stderr: "seamlessctl: no command given (see 'seamlessctl --help')"},
 		{name: "unknown command", args: []string{"frobnicate"}, code: exitUsage, stderr: `unknown command "frobnicate"`},
 		{name: "unknown global flag", args: []string{"--frob", "list"}, code: exitUsage, stderr: "flag provided but not defined: -frob"},
@@ -112,11 +115,11 @@ func TestCommands(t *testing.T) {
 		{name: "version", args: []string{"version"}, stdout: []string{"seamlessctl dev"}},
 
 		// The daemon's API.
-		{name: "status", env: env, args: []string{"status", pending.ID}, stdout: []string{"ID ", "STATE", pending.ID, "pending", "1.23 ms", "1234 entries, 5.6 MiB"}},
+		{name: "status", env: env, args: []string{"status", pending.ID}, stdout: []string{"commit    " + pending.ID + "\n", "state     pending\n", "1.23 ms", "1234 entries, 5.6 MiB"}},
 		{name: "status json, flags after the ID", env: env, args: []string{"status", pending.ID, "--output", "json"}, stdout: []string{`"id": "` + pending.ID + `"`, `"pause_ms": 1.234`}},
-		{name: "status of a failed commit", env: env, args: []string{"status", failed.ID}, stdout: []string{"failed", "[CAPTURE_FAILED] disk full"}},
+		{name: "status of a failed commit", env: env, args: []string{"status", failed.ID}, stdout: []string{"state     failed\n", "error     [CAPTURE_FAILED] disk full\n"}},
 		{name: "status not found", env: env, args: []string{"status", "nope"}, code: exitNotFound, stderr: `seamlessctl: [COMMIT_NOT_FOUND] commit "nope": not found`},
-		{name: "list", env: env, args: []string{"list"}, stdout: []string{pending.ID, failed.ID}},
+		{name: "list", env: env, args: []string{"list"}, stdout: []string{"STATE    PROGRESS", "DIGEST", pending.ID, failed.ID}},
 		{name: "list by state", env: env, args: []string{"list", "--state", "failed", "-o", "json"}, stdout: []string{`"commits": [`, failed.ID}, absent: []string{pending.ID}},
 		{name: "list only the namespace", env: env, args: []string{"list"}, stdout: []string{pending.ID}, absent: []string{other.ID}},
 		{name: "list in a namespace", env: env, args: []string{"-n", "k8s.io", "list"}, stdout: []string{other.ID}, absent: []string{pending.ID}},
