@@ -49,14 +49,21 @@ func setup(t *testing.T, snapshotters ...string) (context.Context, *harness.Env,
 // given filesystem).
 func setupWith(t *testing.T, opts harness.Options, snapshotters ...string) (context.Context, *harness.Env, string) {
 	t.Helper()
+	return setupWithImage(t, opts, "seamless-test/busybox:latest", nil, snapshotters...)
+}
+
+// setupWithImage is setupWith for a test image built with imgOpts (e.g. a
+// helper binary added), pushed as repo (a repository:tag in the registry).
+func setupWithImage(t *testing.T, opts harness.Options, repo string, imgOpts []testimage.Option, snapshotters ...string) (context.Context, *harness.Env, string) {
+	t.Helper()
 	harness.Require(t)
 	ctx := testContext(t)
 	env := harness.Start(t, opts)
-	img, err := testimage.Build()
+	img, err := testimage.Build(imgOpts...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref := env.Registry.Ref("seamless-test/busybox:latest")
+	ref := env.Registry.Ref(repo)
 	if _, err := testimage.Push(ctx, img, ref); err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -143,6 +142,10 @@ func BenchmarkPause(b *testing.B) {
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					b.StopTimer()
+					// The image of a seamless commit is built and pushed
+					// in the background: let it finish first, so that it
+					// does not share the CPUs with the next measure.
+					waitJobsIdle(pb.ctx, b, pb.http)
 					// Start every window with no dirty page cache left by
 					// the previous iteration (or the fill) to write back.
 					syscall.Sync()
@@ -209,21 +212,11 @@ func startPauseBench(b *testing.B) *pauseBench {
 }
 
 // buildProbe builds integration/probe statically and returns the binary.
-func buildProbe(b *testing.B) []byte {
-	root, err := harness.RepoRoot()
+func buildProbe(tb testing.TB) []byte {
+	tb.Helper()
+	data, err := os.ReadFile(testutil.BuildStatic(tb, "./integration/probe"))
 	if err != nil {
-		b.Fatal(err)
-	}
-	out := filepath.Join(b.TempDir(), "probe")
-	cmd := exec.Command("go", "build", "-o", out, "./integration/probe")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if msg, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("building the probe: %v\n%s", err, msg)
-	}
-	data, err := os.ReadFile(out)
-	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
 	return data
 }

@@ -165,8 +165,11 @@ func (d *demo) run(t harness.T) {
 	d.runWriter()
 	d.inspect()
 	d.commitByAPI()
+	d.waitPublished(d.lastCommit())
 	d.commitByLabel()
 	d.restartDaemon()
+	d.waitPublished(d.lastCommit())
+	d.runCommitted()
 	d.summary()
 	if d.keep {
 		d.waitForCtrlC()
@@ -421,10 +424,11 @@ func (d *demo) summary() {
 			plural(len(d.commits), "commit"), strings.Join(pauses, " and ")) +
 			fmt.Sprintf("\n      each capture is a whole, point-in-time copy of its layer; the longest wait between two writes: %s",
 				strings.Join(gaps, " and ")),
-		"the daemon restarted under it: the container never stopped, the commits are still recorded, new containers start",
+		"in the background, each capture became an image (the base image's layers + the container's changes)" +
+			"\n      pushed to the registry, manifest last" + registryNote + "; the second commit added one small layer",
+		"the daemon restarted under it: the container never stopped, the commits and their jobs are still recorded",
+		fmt.Sprintf("the committed image, pulled into namespace %s with containerd's overlayfs, runs and holds the captured data", freshNamespace),
 		fmt.Sprintf("capture strategy %s (the root's filesystem decides: btrfs snapshots, xfs reflinks, else copies)", strings.Join(strategies, ", ")),
-		"not in this release: turning a capture into an image and pushing it to the registry" +
-			"\n      (the commits stay \"pending\"" + registryNote + ")",
 	} {
 		d.printf("    • %s\n", s)
 	}

@@ -48,6 +48,11 @@ type ContainerdOptions struct {
 	// ExtraConfig is TOML appended to the generated config (see Config);
 	// it must not repeat a table the generated part defines.
 	ExtraConfig string
+	// Root is containerd's root directory (content store, metadata);
+	// default a directory in the test's temp dir. Tests of a full disk
+	// point it at a small filesystem; the caller owns that filesystem and
+	// must remove it after the test's cleanups stopped containerd.
+	Root string
 }
 
 // Containerd is a private containerd with its own root, state, sockets and
@@ -100,6 +105,9 @@ func NewContainerd(t T, opts ContainerdOptions) *Containerd {
 			filepath.Dir(bins[BinShim]),
 			filepath.Dir(bins[BinContainerd]),
 		}, "CONTAINERD_"),
+	}
+	if opts.Root != "" {
+		c.root = opts.Root
 	}
 	if err := c.writeConfig(); err != nil {
 		t.Fatal(err)

@@ -71,6 +71,12 @@ func (d *Daemon) args() []string {
 	return append(args, d.opts.Args...)
 }
 
+// UseContainerd points the daemon's image conversion at a containerd
+// socket and its hosts.toml directory; call it before Start.
+func (d *Daemon) UseContainerd(address, hostsDir string) {
+	d.opts.Args = append(d.opts.Args, "--containerd-address", address, "--hosts-dir", hostsDir)
+}
+
 // Start runs the daemon and waits until its socket accepts connections.
 func (d *Daemon) Start(ctx context.Context) error {
 	env := append(childEnv([]string{BinDir(), ToolsDir()}), d.opts.Env...)

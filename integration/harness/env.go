@@ -76,15 +76,20 @@ func Start(t T, opts Options) *Env {
 	}
 	if !opts.NoDaemon {
 		e.Daemon = NewDaemon(t, opts.Daemon)
-		if err := e.Daemon.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
-		ready(StepDaemon)
 	}
 	if opts.Containerd.SnapshotterAddress == "" {
 		opts.Containerd.SnapshotterAddress = e.snapshotterAddress(t)
 	}
 	e.Containerd = NewContainerd(t, opts.Containerd)
+	if e.Daemon != nil {
+		// The daemon builds images through this containerd and pushes
+		// them with its registry configuration.
+		e.Daemon.UseContainerd(e.Containerd.Address(), e.Containerd.HostsDir())
+		if err := e.Daemon.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		ready(StepDaemon)
+	}
 	if err := e.Containerd.Start(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -5,10 +5,15 @@ package harness
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
+
+	"golang.org/x/crypto/bcrypt"
 )
 
 // Registry is a private distribution (v3) registry on 127.0.0.1, plain
@@ -18,12 +23,27 @@ type Registry struct {
 	dir    string
 	addr   string
 	config string
+	opts   RegistryOptions
 	proc   *process
 }
 
-// NewRegistry prepares a registry on a free port; call Start to run it.
-// It is stopped when the test ends. Setup errors fail the test.
+// RegistryOptions configure a Registry.
+type RegistryOptions struct {
+	// Users, if set, turns on the registry's htpasswd authentication with
+	// these username → password pairs: every request, pulls included,
+	// then needs HTTP basic auth.
+	Users map[string]string
+}
+
+// NewRegistry prepares a registry on a free port, open to all; call Start
+// to run it. It is stopped when the test ends. Setup errors fail the test.
 func NewRegistry(t T) *Registry {
+	t.Helper()
+	return NewRegistryWithOptions(t, RegistryOptions{})
+}
+
+// NewRegistryWithOptions is NewRegistry configured by opts.
+func NewRegistryWithOptions(t T, opts RegistryOptions) *Registry {
 	t.Helper()
 	bin, err := FindBinary(BinRegistry)
 	if err != nil {
@@ -38,9 +58,19 @@ func NewRegistry(t T) *Registry {
 		dir:    dir,
 		addr:   "127.0.0.1:" + strconv.Itoa(port),
 		config: filepath.Join(dir, "config.yml"),
+		opts:   opts,
 	}
 	if err := os.MkdirAll(r.StorageDir(), 0o755); err != nil {
 		t.Fatalf("creating registry storage: %v", err)
+	}
+	if len(opts.Users) > 0 {
+		data, err := htpasswd(opts.Users)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(r.htpasswdPath(), data, 0o600); err != nil {
+			t.Fatalf("writing registry htpasswd: %v", err)
+		}
 	}
 	if err := os.WriteFile(r.config, []byte(r.configYAML()), 0o644); err != nil {
 		t.Fatalf("writing registry config: %v", err)
@@ -49,10 +79,35 @@ func NewRegistry(t T) *Registry {
 	return r
 }
 
+// htpasswd returns an htpasswd file for users. The registry accepts only
+// bcrypt hashes; the minimum cost keeps each authenticated request cheap,
+// which is all a test registry on 127.0.0.1 needs.
+func htpasswd(users map[string]string) ([]byte, error) {
+	var b strings.Builder
+	for _, name := range slices.Sorted(maps.Keys(users)) {
+		hash, err := bcrypt.GenerateFromPassword([]byte(users[name]), bcrypt.MinCost)
+		if err != nil {
+			return nil, fmt.Errorf("hashing the password of %s: %w", name, err)
+		}
+		fmt.Fprintf(&b, "%s:%s\n", name, hash)
+	}
+	return []byte(b.String()), nil
+}
+
+func (r *Registry) htpasswdPath() string { return filepath.Join(r.dir, "htpasswd") }
+
 // configYAML is the registry's configuration. Deletes are enabled so tests
 // can remove manifests; upload purging is off because it only adds log
 // noise to a registry that lives for one test.
 func (r *Registry) configYAML() string {
+	auth := ""
+	if len(r.opts.Users) > 0 {
+		auth = fmt.Sprintf(`auth:
+  htpasswd:
+    realm: seamless-test
+    path: %s
+`, r.htpasswdPath())
+	}
 	return fmt.Sprintf(`version: 0.1
 log:
   level: info
@@ -66,10 +121,11 @@ storage:
       enabled: false
 http:
   addr: %s
-`, r.StorageDir(), r.addr)
+%s`, r.StorageDir(), r.addr, auth)
 }
 
-// Start runs the registry and waits until GET /v2/ answers 200.
+// Start runs the registry and waits until GET /v2/ answers 200 (with a
+// user's credentials if it has users).
 func (r *Registry) Start(ctx context.Context) error {
 	// The registry's OpenTelemetry exporter defaults to OTLP on localhost;
 	// with nothing listening it only logs export failures.
@@ -84,6 +140,11 @@ func (r *Registry) ping(ctx context.Context) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+r.addr+"/v2/", nil)
 	if err != nil {
 		return err
+	}
+	// A 200 with credentials also proves that the htpasswd file works.
+	for _, name := range slices.Sorted(maps.Keys(r.opts.Users)) {
+		req.SetBasicAuth(name, r.opts.Users[name])
+		break
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

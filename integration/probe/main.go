@@ -7,7 +7,20 @@
 // The file write is not part of any window.
 //
 // With -fill N it instead creates N files of 4-24 KiB under -dir and exits,
-// to give a container's writable layer a known size quickly.
+// to give a container's writable layer a known size quickly. The hostile
+// content test uses three more modes, each doing in a few syscalls a loop
+// that would take a busybox shell minutes:
+//
+//   - -fill-names N creates N empty files e000000.. directly in -dir (one
+//     huge directory) and exits.
+//   - -deep N creates N nested directories with 255-byte names under -dir,
+//     then a file "leaf" holding "deep leaf\n" at the bottom, and exits: a
+//     path longer than PATH_MAX, made with *at calls from each level.
+//   - -swap DIR:TARGET (repeatable) makes DIR.lnk a symlink to TARGET and
+//     then, until killed, exchanges DIR and DIR.lnk (renameat2
+//     RENAME_EXCHANGE), so that the name DIR keeps flipping between a
+//     directory and a symlink: the race a capture that followed symlinks
+//     or trusted a stat would lose.
 //
 // It is built statically (CGO_ENABLED=0) and added to the integration test
 // image by BenchmarkPause.
@@ -20,26 +33,123 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func main() {
 	out := flag.String("out", "/probe.out", "file the longest gap is written to on SIGUSR1")
 	fill := flag.Int("fill", 0, "create this many files under -dir and exit")
-	dir := flag.String("dir", "/data", "directory for -fill")
-	flag.Parse()
-	if *fill > 0 {
-		if err := fillDir(*dir, *fill); err != nil {
-			fmt.Fprintln(os.Stderr, "probe:", err)
-			os.Exit(1)
+	fillNames := flag.Int("fill-names", 0, "create this many empty files directly in -dir and exit")
+	deep := flag.Int("deep", 0, "create this many nested directories with 255-byte names under -dir and exit")
+	dir := flag.String("dir", "/data", "directory for -fill, -fill-names and -deep")
+	var swaps []swapPair
+	flag.Func("swap", "DIR:TARGET: exchange DIR with a symlink to TARGET until killed (repeatable)", func(v string) error {
+		d, target, ok := strings.Cut(v, ":")
+		if !ok || d == "" || target == "" {
+			return fmt.Errorf("want DIR:TARGET, got %q", v)
 		}
-		return
+		swaps = append(swaps, swapPair{dir: d, target: target})
+		return nil
+	})
+	flag.Parse()
+	var err error
+	switch {
+	case *fill > 0:
+		err = fillDir(*dir, *fill)
+	case *fillNames > 0:
+		err = fillNamesDir(*dir, *fillNames)
+	case *deep > 0:
+		err = deepDirs(*dir, *deep)
+	case len(swaps) > 0:
+		err = swap(swaps)
+	default:
+		err = spin(*out)
 	}
-	if err := spin(*out); err != nil {
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "probe:", err)
 		os.Exit(1)
+	}
+}
+
+// fillNamesDir creates n empty files in dir itself.
+func fillNamesDir(dir string, n int) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	defer unix.Close(dfd)
+	for i := range n {
+		name := fmt.Sprintf("e%06d", i)
+		fd, err := unix.Openat(dfd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o644)
+		if err != nil {
+			return &os.PathError{Op: "create", Path: filepath.Join(dir, name), Err: err}
+		}
+		unix.Close(fd)
+	}
+	return nil
+}
+
+// deepDirs creates depth nested directories under dir, each named with
+// 255 "d"s (the longest a name can be), and a file "leaf" in the last.
+// Each level is made relative to the previous one's descriptor: the full
+// path would be too long for any path call.
+func deepDirs(dir string, depth int) error {
+	deepName := strings.Repeat("d", 255)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return &os.PathError{Op: "open", Path: dir, Err: err}
+	}
+	for i := range depth {
+		if err := unix.Mkdirat(fd, deepName, 0o755); err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("mkdir at level %d: %w", i+1, err)
+		}
+		next, err := unix.Openat(fd, deepName, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("open level %d: %w", i+1, err)
+		}
+		fd = next
+	}
+	defer unix.Close(fd)
+	leaf, err := unix.Openat(fd, "leaf", unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return fmt.Errorf("create leaf: %w", err)
+	}
+	defer unix.Close(leaf)
+	_, err = unix.Write(leaf, []byte("deep leaf\n"))
+	return err
+}
+
+type swapPair struct{ dir, target string }
+
+// swap flips each pair's directory with a symlink to its target, as fast
+// as one CPU allows, until the process is killed. The exchange is atomic:
+// at every instant the name is either the directory or the symlink.
+func swap(pairs []swapPair) error {
+	runtime.GOMAXPROCS(1) // one core for the race; the capture needs the other
+	for _, p := range pairs {
+		if err := os.Symlink(p.target, p.dir+".lnk"); err != nil {
+			return err
+		}
+	}
+	for {
+		for _, p := range pairs {
+			if err := unix.Renameat2(unix.AT_FDCWD, p.dir, unix.AT_FDCWD, p.dir+".lnk", unix.RENAME_EXCHANGE); err != nil {
+				return fmt.Errorf("exchange %s and %s.lnk: %w", p.dir, p.dir, err)
+			}
+		}
 	}
 }
 
