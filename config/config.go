@@ -106,6 +106,10 @@ type Convert struct {
 	// HostsDir holds containerd-style hosts.toml registry configuration
 	// (mirrors, TLS, plain HTTP).
 	HostsDir string `toml:"hosts_dir"`
+	// SourceDateEpoch, when not zero, clamps the mtime of every entry of
+	// a new layer to at most this Unix time, for layers that do not
+	// depend on when files were written (SOURCE_DATE_EPOCH).
+	SourceDateEpoch int64 `toml:"source_date_epoch"`
 	// DockerConfig is the directory of the docker config.json holding
 	// registry credentials (and credential helpers); empty means
 	// $DOCKER_CONFIG, else ~/.docker.
@@ -281,6 +285,9 @@ func (c Convert) Validate() error {
 	}
 	if c.SnapshotterName == "" {
 		return fmt.Errorf("convert.snapshotter_name: must not be empty")
+	}
+	if c.SourceDateEpoch < 0 {
+		return fmt.Errorf("convert.source_date_epoch: %d must not be negative", c.SourceDateEpoch)
 	}
 	if c.DockerConfig != "" {
 		return absPath("convert.docker_config", c.DockerConfig)

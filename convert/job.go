@@ -24,6 +24,9 @@ import (
 )
 
 const (
+	// asyncDepth bounds the compressed chunks queued for each consumer of
+	// a layer being built.
+	asyncDepth = 8
 	// leasePrefix names the containerd lease that holds a commit's blobs.
 	leasePrefix = "seamless.commit."
 	// labelUncompressed is containerd's content label for a layer's
@@ -77,7 +80,7 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 	// zstd layers have no Docker media type: their image is OCI.
 	docker := base.docker && comp == CompressionGzip
 	cs := client.ContentStore()
-	layers, err := cv.layers(ctx, client, c, base, comp, docker)
+	layers, streamed, err := cv.layers(ctx, client, c, base, comp, docker)
 	if err != nil {
 		return c, err
 	}
@@ -117,7 +120,7 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 	return cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
 		r.State = snapshotter.StateDone
 		r.ImageDigest = img.manifestDesc.Digest
-		r.UploadedBytes = prog.uploaded.Load()
+		r.UploadedBytes = streamed + prog.uploaded.Load()
 		r.Progress = snapshotter.Progress{Done: total, Total: total}
 		r.Error, r.ErrorCode = "", ""
 		r.FinishedAt = time.Now().UTC()
@@ -129,22 +132,29 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 // changes since the container's previous published commit, on top of that
 // commit's layers, or every change since the base when there is no usable
 // previous commit or the chain reached MaxLayers.
-func (cv *Converter) layers(ctx context.Context, client *containerd.Client, c snapshotter.Commit, base *baseImage, comp Compression, docker bool) ([]snapshotter.Layer, error) {
+//
+// streamed is the size of the layer when it reached the registry while it
+// was built.
+func (cv *Converter) layers(ctx context.Context, client *containerd.Client, c snapshotter.Commit, base *baseImage, comp Compression, docker bool) (_ []snapshotter.Layer, streamed int64, _ error) {
 	cs := client.ContentStore()
 	// A try cut short after the layer was written reuses it.
 	if n := len(c.Layers); n > 0 && c.Layers[n-1].Commit == c.ID && haveBlobs(ctx, cs, c.Layers) {
-		return c.Layers, nil
+		return c.Layers, 0, nil
 	}
 	mediaType, err := comp.MediaType(docker)
 	if err != nil {
-		return nil, permanentErr(CodeConvertFailed, err)
+		return nil, 0, permanentErr(CodeConvertFailed, err)
 	}
 	all, err := cv.store.ListCommits(ctx)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	var chain []snapshotter.Layer
 	opts := layer.Options{}
+	if cv.cfg.SourceDateEpoch != 0 {
+		clamp := time.Unix(cv.cfg.SourceDateEpoch, 0)
+		opts.ModTime = &clamp
+	}
 	prev := previousCommit(all, c, base, cv.cfg.MaxLayers)
 	if prev != nil && haveBlobs(ctx, cs, prev.Layers) {
 		chain = append(chain, prev.Layers...)
@@ -152,15 +162,15 @@ func (cv *Converter) layers(ctx context.Context, client *containerd.Client, c sn
 		// The chain's blobs were written under earlier commits' leases,
 		// which go once this commit is done.
 		if err := cv.hold(ctx, client, c.ID, prev.Layers); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 	}
-	l, err := cv.buildLayer(ctx, cs, c, comp, mediaType, opts)
+	l, streamed, err := cv.buildLayer(ctx, cs, c, comp, mediaType, opts)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	l.Squashed = opts.Previous == ""
-	return append(chain, l), nil
+	return append(chain, l), streamed, nil
 }
 
 // previousCommit is the commit whose layers c's layer builds on: the
@@ -197,28 +207,62 @@ func haveBlobs(ctx context.Context, cs content.Store, layers []snapshotter.Layer
 // buildLayer writes c's capture as a compressed layer straight into
 // containerd's content store: one walk, compressed and digested as it is
 // written, with no uncompressed copy anywhere.
-func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapshotter.Commit, comp Compression, mediaType string, opts layer.Options) (snapshotter.Layer, error) {
+func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapshotter.Commit, comp Compression, mediaType string, opts layer.Options) (_ snapshotter.Layer, streamed int64, _ error) {
 	upper := cv.store.CaptureUpper(c.ID)
 	ref := "seamless-layer-" + c.ID
 	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref))
 	if err != nil {
-		return snapshotter.Layer{}, transientErr(CodeContainerdError, fmt.Errorf("open content writer: %w", err))
+		return snapshotter.Layer{}, 0, transientErr(CodeContainerdError, fmt.Errorf("open content writer: %w", err))
 	}
 	defer w.Close()
 	// A previous try may have left part of the blob.
 	if err := w.Truncate(0); err != nil {
-		return snapshotter.Layer{}, err
+		return snapshotter.Layer{}, 0, err
 	}
 	prog := newProgress(0, cv.store.WaitUnfrozen)
 	stop := cv.track(ctx, c.ID, prog)
 	defer stop()
-	buf := bufio.NewWriterSize(w, 1<<20)
+	// The blob goes to the content store and, for a push, to the
+	// registry at the same time, each at its own pace.
+	store := newAsyncWriter(w, asyncDepth)
+	var dst io.Writer = store
+	var stream *streamUpload
+	var streamOut *asyncWriter
+	if !c.Local {
+		if stream, err = cv.startStreamUpload(ctx, c.Target); err != nil {
+			log.G(ctx).WithError(err).Debug("cannot stream the layer while it is built; it is pushed afterwards")
+			stream = nil
+		} else {
+			streamOut = newAsyncWriter(stream, asyncDepth)
+			dst = io.MultiWriter(store, bestEffort{streamOut})
+		}
+	}
+	buf := bufio.NewWriterSize(dst, 1<<20)
 	blob, err := CompressLayer(ctx, buf, comp, func(tw io.Writer) error {
 		_, err := layer.Write(ctx, prog.writer(ctx, tw), upper, opts)
 		return err
 	})
 	if err == nil {
 		err = buf.Flush()
+	}
+	if cerr := store.Close(); err == nil {
+		err = cerr
+	}
+	if stream != nil {
+		serr := streamOut.Close()
+		switch {
+		case err != nil:
+			stream.abort(err)
+		case serr != nil:
+			stream.abort(serr)
+			log.G(ctx).WithError(serr).Info("streaming the layer to the registry failed; it is pushed afterwards")
+		default:
+			if serr = stream.finish(blob.Digest); serr != nil {
+				log.G(ctx).WithError(serr).Info("streaming the layer to the registry failed; it is pushed afterwards")
+			} else {
+				streamed = blob.Size
+			}
+		}
 	}
 	if err == nil {
 		err = w.Commit(ctx, blob.Size, blob.Digest, content.WithLabels(map[string]string{labelUncompressed: blob.DiffID.String()}))
@@ -236,7 +280,7 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 			}
 			cancel()
 		}
-		return snapshotter.Layer{}, layerErr(err)
+		return snapshotter.Layer{}, 0, layerErr(err)
 	}
 	return snapshotter.Layer{
 		MediaType: mediaType,
@@ -245,7 +289,7 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 		DiffID:    blob.DiffID,
 		Commit:    c.ID,
 		Created:   c.CapturedAt,
-	}, nil
+	}, streamed, nil
 }
 
 // layerErr classifies a failure to build a layer: containerd going away

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -140,7 +142,14 @@ func BenchmarkCommitToRegistry(b *testing.B) {
 func startPublishBench(b *testing.B) *publishBench {
 	ctx, cancel := context.WithTimeout(b.Context(), 60*time.Minute)
 	b.Cleanup(cancel)
-	env := harness.Start(b, harness.Options{})
+	// SEAMLESS_BENCH_FS=xfs|btrfs puts the daemon's root on a loop-mounted
+	// filesystem of that type (strategy reflink or btrfs), as for
+	// BenchmarkPause.
+	var opts harness.Options
+	if fstype := os.Getenv("SEAMLESS_BENCH_FS"); fstype != "" {
+		opts.Daemon.Root = filepath.Join(testutil.LoopFS(b, fstype, 16<<30), "seamless")
+	}
+	env := harness.Start(b, opts)
 	pb := &publishBench{ctx: ctx, env: env, api: newAPIClient(env)}
 	var err error
 	if pb.client, err = env.Containerd.Client(ctx); err != nil {
