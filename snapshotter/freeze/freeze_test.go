@@ -190,6 +190,13 @@ func TestFreezeDeadlineWhileFreezing(t *testing.T) {
 			t.Cleanup(unfreeze)
 			waitProcessState(t, stuckPID, "D")
 
+			// The task must still be blocked when the freeze starts: D can
+			// also be a short wait on the way to the block.
+			time.Sleep(50 * time.Millisecond)
+			if st := processState(t, stuckPID); st != "D" {
+				t.Fatalf("the writer to the stuck device is %s, not blocked: the device let the write through", st)
+			}
+
 			const budget = 200 * time.Millisecond
 			ctx, cancel := context.WithTimeout(context.Background(), budget)
 			defer cancel()
@@ -197,8 +204,9 @@ func TestFreezeDeadlineWhileFreezing(t *testing.T) {
 			f, err := Freeze(ctx, []Cgroup{fine, stuck})
 			elapsed := time.Since(start)
 			if err == nil {
+				st := processState(t, stuckPID)
 				f.Thaw(context.Background())
-				t.Fatal("Freeze of a cgroup with a task in D state succeeded")
+				t.Fatalf("Freeze of a cgroup with a task in D state succeeded (the task is now %s)", st)
 			}
 			if !errdefs.IsDeadlineExceeded(err) {
 				t.Fatalf("error %v does not wrap context.DeadlineExceeded", err)
