@@ -5,12 +5,10 @@ package convert
 import (
 	"context"
 	"errors"
-	"io/fs"
-	"path/filepath"
-	"syscall"
 
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
@@ -109,27 +107,12 @@ func (cv *Converter) dropLease(ctx context.Context, c snapshotter.Commit) error 
 }
 
 // diskUsage is the space a capture's files take, each inode counted once
-// (extents shared with reflinks or snapshots are counted too).
-func diskUsage(dir string) int64 {
-	var total int64
-	seen := map[uint64]bool{}
-	_ = filepath.WalkDir(dir, func(_ string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return nil
-		}
-		info, err := d.Info()
-		if err != nil {
-			return nil
-		}
-		st, ok := info.Sys().(*syscall.Stat_t)
-		if !ok || seen[st.Ino] {
-			return nil
-		}
-		if st.Nlink > 1 {
-			seen[st.Ino] = true
-		}
-		total += st.Blocks * 512
-		return nil
-	})
-	return total
+// (extents shared with reflinks or snapshots are counted too), as
+// containerd's snapshotters compute Usage; 0 if it cannot be read.
+func diskUsage(ctx context.Context, dir string) int64 {
+	u, err := fs.DiskUsage(ctx, dir)
+	if err != nil {
+		return 0
+	}
+	return u.Size
 }

@@ -52,14 +52,17 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 	if ctx, err = cv.withLease(ctx, client, c.ID); err != nil {
 		return c, err
 	}
+	// Walked outside the transaction, which holds the database's lock.
+	used := c.CaptureDiskBytes
+	if used == 0 {
+		used = diskUsage(ctx, cv.store.CaptureUpper(c.ID))
+	}
 	if c, err = cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
 		r.State = snapshotter.StateConverting
 		r.Attempts++
 		r.NextAttempt = time.Time{}
 		r.Progress = snapshotter.Progress{}
-		if r.CaptureDiskBytes == 0 {
-			r.CaptureDiskBytes = diskUsage(cv.store.CaptureUpper(r.ID))
-		}
+		r.CaptureDiskBytes = used
 		return nil
 	}); err != nil {
 		return c, err

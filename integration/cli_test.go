@@ -129,7 +129,7 @@ func TestCLI(t *testing.T) {
 		{"by prefix", id[:len(id)-5]},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			out := cli.ok(ctx, t, "commit", "--container", tc.container, "--target", target+":text")
+			out := cli.ok(ctx, t, "commit", "--container", tc.container, "--target", target+":text", "--pause-budget", writerPauseBudget)
 			f := textFields(t, out)
 			if f["state"] != string(snapshotter.StatePending) || f["commit"] == "" || f["strategy"] == "" ||
 				!strings.HasSuffix(f["pause"], " ms") || !strings.Contains(f["captured"], " entries, ") {
@@ -151,7 +151,7 @@ func TestCLI(t *testing.T) {
 		if _, err := env.Ctr(ctx, "run", "-d", "--snapshotter", seamless, "--label", "nerdctl/name="+name, ref, named, "sleep", "100000"); err != nil {
 			t.Fatal(err)
 		}
-		f := textFields(t, cli.ok(ctx, t, "commit", "--container", name, "--target", target+":named"))
+		f := textFields(t, cli.ok(ctx, t, "commit", "--container", name, "--target", target+":named", "--pause-budget", writerPauseBudget))
 		var got api.Commit
 		if err := json.Unmarshal([]byte(cli.ok(ctx, t, "status", "-o", "json", f["commit"])), &got); err != nil {
 			t.Fatal(err)

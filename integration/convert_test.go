@@ -71,6 +71,12 @@ func commitAndWait(ctx context.Context, t *testing.T, env *harness.Env, id strin
 	t.Helper()
 	c := newAPIClient(env)
 	req.Namespace, req.Container = harness.DefaultNamespace, id
+	if req.PauseBudget == "" {
+		// These tests are about the image; the pause has its own tests
+		// and benchmark. The writer dirties ~1,000 files between two
+		// rounds, which the copy strategy's frozen round copies.
+		req.PauseBudget = "5s"
+	}
 	var rec api.Commit
 	if status, apiErr := c.do(ctx, t, "POST", "/api/v1/commits", req, &rec); status != 201 {
 		t.Fatalf("commit: %d %+v", status, apiErr)
@@ -80,9 +86,10 @@ func commitAndWait(ctx context.Context, t *testing.T, env *harness.Env, id strin
 	return done
 }
 
-// mountImage pulls ref into the fresh namespace with overlayfs and mounts
-// its root filesystem read-only; the mount goes when the test ends.
-func mountImage(ctx context.Context, t *testing.T, env *harness.Env, c *containerd.Client, ref string) string {
+// viewImage pulls ref into the fresh namespace with overlayfs and returns
+// the mounts of a read-only view of its root filesystem; the view goes
+// when the test ends.
+func viewImage(ctx context.Context, t *testing.T, env *harness.Env, c *containerd.Client, ref string) []mount.Mount {
 	t.Helper()
 	ctx = namespaces.WithNamespace(ctx, freshNamespace)
 	if err := env.PullImage(ctx, ref, "overlayfs"); err != nil {
@@ -102,6 +109,19 @@ func mountImage(ctx context.Context, t *testing.T, env *harness.Env, c *containe
 	if err != nil {
 		t.Fatalf("view of %s: %v", ref, err)
 	}
+	t.Cleanup(func() {
+		if err := sn.Remove(context.WithoutCancel(ctx), key); err != nil {
+			t.Errorf("remove view %s: %v", key, err)
+		}
+	})
+	return mounts
+}
+
+// mountImage mounts the root filesystem of ref, pulled into the fresh
+// namespace, read-only; the mount goes when the test ends.
+func mountImage(ctx context.Context, t *testing.T, env *harness.Env, c *containerd.Client, ref string) string {
+	t.Helper()
+	mounts := viewImage(ctx, t, env, c, ref)
 	dir := t.TempDir()
 	if err := mount.All(mounts, dir); err != nil {
 		t.Fatal(err)
@@ -109,9 +129,6 @@ func mountImage(ctx context.Context, t *testing.T, env *harness.Env, c *containe
 	t.Cleanup(func() {
 		if err := mount.UnmountAll(dir, 0); err != nil {
 			t.Errorf("unmount %s: %v", dir, err)
-		}
-		if err := sn.Remove(context.WithoutCancel(ctx), key); err != nil {
-			t.Errorf("remove view %s: %v", key, err)
 		}
 	})
 	return dir
@@ -147,26 +164,7 @@ func lowerDirs(t *testing.T, mounts []mount.Mount) []string {
 // namespace with overlayfs).
 func mountExpected(ctx context.Context, t *testing.T, env *harness.Env, c *containerd.Client, baseRef, capture string) string {
 	t.Helper()
-	ctx = namespaces.WithNamespace(ctx, freshNamespace)
-	if err := env.PullImage(ctx, baseRef, "overlayfs"); err != nil {
-		t.Fatal(err)
-	}
-	img, err := c.GetImage(ctx, baseRef)
-	if err != nil {
-		t.Fatal(err)
-	}
-	diffIDs, err := img.RootFS(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sn := c.SnapshotService("overlayfs")
-	key := harness.UniqueID("base-view-")
-	mounts, err := sn.View(ctx, key, identity.ChainID(diffIDs).String(), gcRoot())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sn.Remove(context.WithoutCancel(ctx), key) })
-	lowers := append([]string{capture}, lowerDirs(t, mounts)...)
+	lowers := append([]string{capture}, lowerDirs(t, viewImage(ctx, t, env, c, baseRef))...)
 	dir := t.TempDir()
 	if err := unix.Mount("overlay", dir, "overlay", unix.MS_RDONLY, "lowerdir="+strings.Join(lowers, ":")); err != nil {
 		t.Fatalf("mount the expected tree: %v", err)

@@ -437,7 +437,7 @@ func TestDeep(t *testing.T) {
 func TestManyEntries(t *testing.T) {
 	testutil.RequireRoot(t)
 	if testing.Short() {
-		t.Skip("100,000 files")
+		testutil.SkipOrFail(t, "-short: 100,000 files")
 	}
 	u := t.TempDir()
 	d := filepath.Join(u, "big")
