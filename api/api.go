@@ -51,6 +51,9 @@ type CommitRequest struct {
 	// Compression of the new layer: gzip or zstd; empty means the
 	// configured.
 	Compression string `json:"compression,omitempty"`
+	// CompressionLevel of the new layer: gzip 1-9, zstd 1-22; 0 means
+	// the configured level.
+	CompressionLevel int `json:"compression_level,omitempty"`
 	// Local imports the image into containerd's image store (in the
 	// container's namespace) instead of pushing it.
 	Local bool `json:"local,omitempty"`
@@ -238,7 +241,7 @@ func (s server) createCommit(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	rec, err := s.c.Capture(r.Context(), snapshotter.CommitRequest{
-		Key: key, Target: req.Target, PauseBudget: budget, Compression: req.Compression, Local: req.Local, Squash: req.Squash,
+		Key: key, Target: req.Target, PauseBudget: budget, Compression: req.Compression, CompressionLevel: req.CompressionLevel, Local: req.Local, Squash: req.Squash,
 	})
 	if err != nil {
 		writeError(w, snapshotter.ErrorCode(err), err)

@@ -85,6 +85,10 @@ type Convert struct {
 	Workers int `toml:"workers"`
 	// Compression of new layers: gzip (readable everywhere) or zstd.
 	Compression string `toml:"compression"`
+	// CompressionLevel of new layers of that compression; 0 is the
+	// default: gzip 1 (the fastest), zstd 3. gzip takes 1 (fastest) to 9
+	// (smallest), zstd 1 to 22.
+	CompressionLevel int `toml:"compression_level"`
 	// MaxLayers bounds the layers commits add on top of the base image:
 	// each commit of a container adds one layer of its changes since the
 	// previous commit, and past this count the chain is squashed into one
@@ -114,6 +118,10 @@ type Convert struct {
 	// registry credentials (and credential helpers); empty means
 	// $DOCKER_CONFIG, else ~/.docker.
 	DockerConfig string `toml:"docker_config"`
+	// KeepPushedLayers also writes each layer pushed to a registry into
+	// containerd's content store. Off, a layer is streamed to the registry
+	// only, and later commits of the container take it from there.
+	KeepPushedLayers bool `toml:"keep_pushed_layers"`
 }
 
 // Duration is a time.Duration written as a string ("500ms") in TOML.
@@ -271,6 +279,9 @@ func (c Convert) Validate() error {
 	if err := ValidateCompression(c.Compression); err != nil {
 		return fmt.Errorf("convert.compression: %w", err)
 	}
+	if err := ValidateCompressionLevel(c.Compression, c.CompressionLevel); err != nil {
+		return fmt.Errorf("convert.compression_level: %w", err)
+	}
 	if c.MaxLayers < 1 || c.MaxLayers > 100 {
 		return fmt.Errorf("convert.max_layers: %d must be between 1 and 100", c.MaxLayers)
 	}
@@ -302,6 +313,24 @@ func ValidateCompression(s string) error {
 		return nil
 	}
 	return fmt.Errorf("%q is not one of gzip, zstd", s)
+}
+
+// ValidateCompressionLevel checks a level for a compression: 0 (the
+// default), 1-9 for gzip, 1-22 for zstd. With no compression
+// named (the configured one applies), any of those.
+func ValidateCompressionLevel(compression string, level int) error {
+	maxLevel := 22
+	if compression == CompressionGzip {
+		maxLevel = 9
+	}
+	if level < 0 || level > maxLevel {
+		name := compression
+		if name == "" {
+			name = "any compression"
+		}
+		return fmt.Errorf("level %d is out of range for %s (1-%d, or 0 for the default)", level, name, maxLevel)
+	}
+	return nil
 }
 
 // Validate checks the [commit] section.

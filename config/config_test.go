@@ -70,6 +70,17 @@ mount_options = ["volatile"]
 		{name: "bad pause budget", toml: "[commit]\npause_budget = \"soon\"", wantErr: "pause_budget"},
 		{name: "zero pause budget", toml: "[commit]\npause_budget = \"0s\"", wantErr: "commit.pause_budget:"},
 		{name: "bad rounds", toml: "[commit]\nprecopy_rounds = 0", wantErr: "commit.precopy_rounds:"},
+		{name: "fast gzip", toml: "[convert]\ncompression_level = 1", check: func(t *testing.T, c Config) {
+			if c.Convert.Compression != CompressionGzip || c.Convert.CompressionLevel != 1 {
+				t.Errorf("got %+v", c.Convert)
+			}
+		}},
+		{name: "zstd level", toml: "[convert]\ncompression = \"zstd\"\ncompression_level = 19", check: func(t *testing.T, c Config) {
+			if c.Convert.Compression != CompressionZstd || c.Convert.CompressionLevel != 19 {
+				t.Errorf("got %+v", c.Convert)
+			}
+		}},
+		{name: "gzip level out of range", toml: "[convert]\ncompression_level = 19", wantErr: "convert.compression_level: level 19 is out of range for gzip"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Default()

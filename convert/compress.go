@@ -13,8 +13,10 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/klauspost/compress/zstd"
 	"github.com/klauspost/pgzip"
+
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 )
 
 // Compression is how a layer blob is compressed.
@@ -82,6 +84,12 @@ type Blob struct {
 	Compression      Compression // its MediaType gives the descriptor's media type
 }
 
+// defaultGzipLevel is the fastest level: a layer is built at every commit,
+// so speed comes first. It makes a layer about twice as fast as gzip's
+// default level, and a few percent larger (BenchmarkCommitToRegistry:
+// 4%); go-containerregistry (crane, ko) builds its layers at this level too.
+const defaultGzipLevel = pgzip.BestSpeed
+
 // CompressLayer runs write, which produces the uncompressed layer tar,
 // and streams its output through the compressor c into dst. The digests
 // and sizes of both streams are computed on the way, so there is no
@@ -93,14 +101,23 @@ type Blob struct {
 // for its concurrency). The same input on the same machine gives the same
 // blob, so a retried job produces the same digest.
 //
+// level 0 is the default of c: gzip level 1 (see defaultGzipLevel), zstd
+// level 3 (zstd's own default).
+//
 // When write fails (or ctx is done), CompressLayer returns its error and
 // stops writing to dst; what dst got by then is not a valid blob.
-func CompressLayer(ctx context.Context, dst io.Writer, c Compression, write func(io.Writer) error) (Blob, error) {
+func CompressLayer(ctx context.Context, dst io.Writer, c Compression, level int, write func(io.Writer) error) (Blob, error) {
+	if err := config.ValidateCompressionLevel(string(c), level); err != nil && c != CompressionNone {
+		return Blob{}, fmt.Errorf("%w: %v", errdefs.ErrInvalidArgument, err)
+	}
 	blob := &hashWriter{w: dst, h: digest.SHA256.Digester()}
 	var zw io.WriteCloser
 	switch c {
 	case CompressionGzip:
-		gz, err := pgzip.NewWriterLevel(blob, pgzip.DefaultCompression)
+		if level == 0 {
+			level = defaultGzipLevel
+		}
+		gz, err := pgzip.NewWriterLevel(blob, level)
 		if err != nil {
 			return Blob{}, err
 		}
@@ -119,7 +136,11 @@ func CompressLayer(ctx context.Context, dst io.Writer, c Compression, write func
 		// cores, it took 30-90% more CPU than the stream encoder, and
 		// longer. So only with more than two (the two modes make
 		// different, equally valid, frames).
-		zs, err := zstd.NewWriter(blob, zstd.WithEncoderConcurrency(n), zstd.WithConcurrentBlocks(n > 2))
+		opts := []zstd.EOption{zstd.WithEncoderConcurrency(n), zstd.WithConcurrentBlocks(n > 2)}
+		if level != 0 {
+			opts = append(opts, zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(level)))
+		}
+		zs, err := zstd.NewWriter(blob, opts...)
 		if err != nil {
 			return Blob{}, err
 		}

@@ -144,7 +144,7 @@ func TestCompressLayer(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%d", c, size), func(t *testing.T) {
 				data := layerData(uint64(size), size)
 				var dst bytes.Buffer
-				blob, err := CompressLayer(context.Background(), &dst, c, writeChunks(data))
+				blob, err := CompressLayer(context.Background(), &dst, c, 0, writeChunks(data))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -166,11 +166,51 @@ func TestCompressLayer(t *testing.T) {
 				}
 
 				// Same input, same blob: a retried job pushes the same digest.
-				again, err := CompressLayer(context.Background(), io.Discard, c, writeChunks(data))
+				again, err := CompressLayer(context.Background(), io.Discard, c, 0, writeChunks(data))
 				if err != nil || again != blob {
 					t.Errorf("second run %+v, %v; first %+v", again, err, blob)
 				}
 			})
+		}
+	}
+}
+
+// TestCompressLayerLevels: every level gives a valid blob; a faster level
+// a larger one; the default gzip level is the fastest; a level out of
+// range is refused before any output.
+func TestCompressLayerLevels(t *testing.T) {
+	data := layerData(7, 4<<20)
+	for _, tc := range []struct {
+		c           Compression
+		fast, small int
+		invalid     []int
+	}{
+		{CompressionGzip, 1, 9, []int{-1, 10}},
+		{CompressionZstd, 1, 19, []int{-1, 23}},
+	} {
+		sizes := map[int]int64{}
+		for _, level := range []int{tc.fast, 0, tc.small} {
+			var dst bytes.Buffer
+			blob, err := CompressLayer(context.Background(), &dst, tc.c, level, writeChunks(data))
+			if err != nil {
+				t.Fatalf("%s level %d: %v", tc.c, level, err)
+			}
+			if got := decompress(t, tc.c, dst.Bytes()); digest.FromBytes(got) != blob.DiffID || blob.DiffID != digest.FromBytes(data) {
+				t.Fatalf("%s level %d: the blob does not decompress to the layer", tc.c, level)
+			}
+			sizes[level] = blob.Size
+		}
+		if tc.c == CompressionGzip && sizes[0] != sizes[tc.fast] {
+			t.Errorf("gzip: default level made %d bytes, level 1 %d", sizes[0], sizes[tc.fast])
+		}
+		if sizes[tc.fast] < sizes[tc.small] {
+			t.Errorf("%s: level %d made %d bytes, level %d %d", tc.c, tc.fast, sizes[tc.fast], tc.small, sizes[tc.small])
+		}
+		for _, level := range tc.invalid {
+			var dst bytes.Buffer
+			if _, err := CompressLayer(context.Background(), &dst, tc.c, level, writeChunks(data)); !errdefs.IsInvalidArgument(err) || dst.Len() != 0 {
+				t.Errorf("%s level %d: %v, %d bytes written", tc.c, level, err, dst.Len())
+			}
 		}
 	}
 }
@@ -211,14 +251,14 @@ func TestCompressLayerErrors(t *testing.T) {
 			want:  context.Canceled,
 		}} {
 			t.Run(string(c)+"/"+tc.name, func(t *testing.T) {
-				blob, err := CompressLayer(tc.ctx, tc.dst, c, tc.write)
+				blob, err := CompressLayer(tc.ctx, tc.dst, c, 0, tc.write)
 				if !errors.Is(err, tc.want) || blob != (Blob{}) {
 					t.Fatalf("CompressLayer = %+v, %v; want error %v", blob, err, tc.want)
 				}
 			})
 		}
 	}
-	if _, err := CompressLayer(context.Background(), io.Discard, "lz4", writeChunks(nil)); !errdefs.IsInvalidArgument(err) {
+	if _, err := CompressLayer(context.Background(), io.Discard, "lz4", 0, writeChunks(nil)); !errdefs.IsInvalidArgument(err) {
 		t.Errorf("unknown compression: %v", err)
 	}
 }
@@ -244,7 +284,7 @@ func TestCompressLayerParallel(t *testing.T) {
 			data := layerData(4, 1<<20)
 			most := 0
 			stacks := make([]byte, 1<<20)
-			_, err := CompressLayer(context.Background(), io.Discard, tc.c, func(w io.Writer) error {
+			_, err := CompressLayer(context.Background(), io.Discard, tc.c, 0, func(w io.Writer) error {
 				for range tc.size >> 20 {
 					if _, err := w.Write(data); err != nil {
 						return err
@@ -301,7 +341,7 @@ func BenchmarkLayer(b *testing.B) {
 			cpu0 := cpuTime(b)
 			for b.Loop() {
 				var err error
-				blob, err = CompressLayer(context.Background(), io.Discard, c, func(w io.Writer) error {
+				blob, err = CompressLayer(context.Background(), io.Discard, c, 0, func(w io.Writer) error {
 					_, err := layer.Write(context.Background(), w, upper, layer.Options{})
 					return err
 				})

@@ -87,14 +87,24 @@ func (cv *Converter) Wake() {
 // Run takes up jobs until ctx is cancelled, then waits for the running
 // ones to stop: they are cut where they are and resume at the next start.
 func (cv *Converter) Run(ctx context.Context) error {
-	var jobs sync.WaitGroup
+	var jobs, collector sync.WaitGroup
 	defer func() {
 		jobs.Wait()
+		collector.Wait()
 		cv.clientMu.Lock()
 		if cv.client != nil {
 			cv.client.Close()
 		}
 		cv.clientMu.Unlock()
+	}()
+	// Releasing a capture deletes a tree as large as the container's
+	// layer (seconds for a GiB): on a goroutine of its own, so that a new
+	// job never waits for it.
+	collect := make(chan struct{}, 1)
+	collector.Add(1)
+	go func() {
+		defer collector.Done()
+		cv.collectLoop(ctx, collect)
 	}()
 	sem := make(chan struct{}, cv.cfg.Workers)
 	for {
@@ -102,8 +112,9 @@ func (cv *Converter) Run(ctx context.Context) error {
 		if err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Warn("cannot read the job queue")
 		}
-		if err := cv.collect(ctx); err != nil && ctx.Err() == nil {
-			log.G(ctx).WithError(err).Warn("cannot release captures no job needs")
+		select {
+		case collect <- struct{}{}:
+		default: // a collection is due already
 		}
 		timer := time.NewTimer(next)
 		select {
@@ -114,6 +125,21 @@ func (cv *Converter) Run(ctx context.Context) error {
 		case <-timer.C:
 		}
 		timer.Stop()
+	}
+}
+
+// collectLoop releases the captures no job needs each time it is woken,
+// until ctx is done.
+func (cv *Converter) collectLoop(ctx context.Context, wake <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-wake:
+		}
+		if err := cv.collect(ctx); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).Warn("cannot release captures no job needs")
+		}
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
@@ -19,6 +20,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 
+	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/layer"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
@@ -80,10 +82,18 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 	if err != nil {
 		return c, permanentErr(CodeConvertFailed, err)
 	}
+	// The configured level is for the configured compression.
+	level := c.CompressionLevel
+	if level == 0 && name == cv.cfg.Compression {
+		level = cv.cfg.CompressionLevel
+	}
+	if err := config.ValidateCompressionLevel(name, level); err != nil {
+		return c, permanentErr(CodeConvertFailed, fmt.Errorf("compression %w", err))
+	}
 	// zstd layers have no Docker media type: their image is OCI.
 	docker := base.docker && comp == CompressionGzip
 	cs := client.ContentStore()
-	layers, streamed, err := cv.layers(ctx, client, c, base, comp, docker)
+	layers, streamed, err := cv.layers(ctx, client, c, base, comp, level, docker)
 	if err != nil {
 		return c, err
 	}
@@ -114,7 +124,7 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 		err = cv.importLocal(ctx, client, c, img)
 		prog.add(total)
 	} else {
-		err = cv.push(ctx, cs, c.Target, base, img, prog)
+		err = cv.push(ctx, cs, c.Target, base, layers, img, prog)
 	}
 	stop()
 	if err != nil {
@@ -138,10 +148,10 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 //
 // streamed is the size of the layer when it reached the registry while it
 // was built.
-func (cv *Converter) layers(ctx context.Context, client *containerd.Client, c snapshotter.Commit, base *baseImage, comp Compression, docker bool) (_ []snapshotter.Layer, streamed int64, _ error) {
+func (cv *Converter) layers(ctx context.Context, client *containerd.Client, c snapshotter.Commit, base *baseImage, comp Compression, level int, docker bool) (_ []snapshotter.Layer, streamed int64, _ error) {
 	cs := client.ContentStore()
 	// A try cut short after the layer was written reuses it.
-	if n := len(c.Layers); n > 0 && c.Layers[n-1].Commit == c.ID && haveBlobs(ctx, cs, c.Layers) {
+	if n := len(c.Layers); n > 0 && c.Layers[n-1].Commit == c.ID && available(ctx, cs, c.Layers, c.Local) {
 		return c.Layers, 0, nil
 	}
 	mediaType, err := comp.MediaType(docker)
@@ -159,16 +169,16 @@ func (cv *Converter) layers(ctx context.Context, client *containerd.Client, c sn
 		opts.ModTime = &clamp
 	}
 	prev := previousCommit(all, c, base, cv.cfg.MaxLayers)
-	if prev != nil && haveBlobs(ctx, cs, prev.Layers) {
-		chain = append(chain, prev.Layers...)
+	if prev != nil && available(ctx, cs, prev.Layers, c.Local) {
+		chain = inherit(ctx, cs, *prev)
 		opts.Previous = cv.store.CaptureUpper(prev.ID)
-		// The chain's blobs were written under earlier commits' leases,
-		// which go once this commit is done.
-		if err := cv.hold(ctx, client, c.ID, prev.Layers); err != nil {
+		// The chain's local blobs were written under earlier commits'
+		// leases, which go once this commit is done.
+		if err := cv.hold(ctx, client, c.ID, chain); err != nil {
 			return nil, 0, err
 		}
 	}
-	l, streamed, err := cv.buildLayer(ctx, cs, c, comp, mediaType, opts)
+	l, streamed, err := cv.buildLayer(ctx, cs, c, comp, level, mediaType, opts)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -198,58 +208,94 @@ func previousCommit(all []snapshotter.Commit, c snapshotter.Commit, base *baseIm
 	return prev
 }
 
-func haveBlobs(ctx context.Context, cs content.Store, layers []snapshotter.Layer) bool {
+// available reports whether an image can be made of layers: each is in
+// the content store or, for a push, in a registry it can be mounted or
+// fetched from. A local import needs every blob here.
+func available(ctx context.Context, cs content.Store, layers []snapshotter.Layer, local bool) bool {
 	for _, l := range layers {
-		if _, err := cs.Info(ctx, l.Digest); err != nil {
+		if _, err := cs.Info(ctx, l.Digest); err != nil && (local || l.Source == "") {
 			return false
 		}
 	}
 	return true
 }
 
-// buildLayer writes c's capture as a compressed layer straight into
-// containerd's content store: one walk, compressed and digested as it is
-// written, with no uncompressed copy anywhere.
-func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapshotter.Commit, comp Compression, mediaType string, opts layer.Options) (_ snapshotter.Layer, streamed int64, _ error) {
-	upper := cv.store.CaptureUpper(c.ID)
-	ref := "seamless-layer-" + c.ID
-	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref))
-	if err != nil {
-		return snapshotter.Layer{}, 0, transientErr(CodeContainerdError, fmt.Errorf("open content writer: %w", err))
+// inherit returns prev's layers for a commit built on them. A layer not
+// in the content store is in the registry repository prev was pushed to,
+// with the rest of prev's image.
+func inherit(ctx context.Context, cs content.Store, prev snapshotter.Commit) []snapshotter.Layer {
+	layers := slices.Clone(prev.Layers)
+	for i, l := range layers {
+		if _, err := cs.Info(ctx, l.Digest); err == nil {
+			layers[i].Source = ""
+		} else if !prev.Local {
+			layers[i].Source = prev.Target
+		}
 	}
-	defer w.Close()
-	// A previous try may have left part of the blob.
-	if err := w.Truncate(0); err != nil {
-		return snapshotter.Layer{}, 0, err
-	}
+	return layers
+}
+
+// buildLayer writes c's capture as a compressed layer in one walk,
+// compressed and digested as it is written, with no uncompressed copy
+// anywhere. The first try of a push streams it to the registry only; the
+// layer goes into containerd's content store for a local import, when
+// KeepPushedLayers asks for it, when the registry cannot take a stream,
+// and on later tries, which must not depend on the stream again.
+func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapshotter.Commit, comp Compression, level int, mediaType string, opts layer.Options) (_ snapshotter.Layer, streamed int64, _ error) {
+	started := time.Now()
 	prog := newProgress(0, cv.store.WaitUnfrozen)
 	stop := cv.track(ctx, c.ID, prog)
 	defer stop()
-	// The blob goes to the content store and, for a push, to the
-	// registry at the same time, each at its own pace.
-	store := newAsyncWriter(w, asyncDepth)
-	var dst io.Writer = store
 	var stream *streamUpload
-	var streamOut *asyncWriter
 	if !c.Local {
+		var err error
 		if stream, err = cv.startStreamUpload(ctx, c.Target); err != nil {
 			log.G(ctx).WithError(err).Debug("cannot stream the layer while it is built; it is pushed afterwards")
 			stream = nil
-		} else {
-			streamOut = newAsyncWriter(stream, asyncDepth)
+		}
+	}
+	keep := stream == nil || cv.cfg.KeepPushedLayers || c.Attempts > 1
+
+	// Each destination takes the blob at its own pace.
+	ref := "seamless-layer-" + c.ID
+	var (
+		dst              io.Writer
+		w                content.Writer
+		store, streamOut *asyncWriter
+	)
+	if keep {
+		var err error
+		if w, err = openLayerWriter(ctx, cs, ref); err != nil {
+			if stream != nil {
+				stream.abort(err)
+			}
+			return snapshotter.Layer{}, 0, err
+		}
+		defer w.Close()
+		store = newAsyncWriter(w, asyncDepth)
+		dst = store
+	}
+	if stream != nil {
+		streamOut = newAsyncWriter(stream, asyncDepth)
+		if keep {
+			// The push uploads the local copy if the stream fails.
 			dst = io.MultiWriter(store, bestEffort{streamOut})
+		} else {
+			dst = streamOut
 		}
 	}
 	buf := bufio.NewWriterSize(dst, 1<<20)
-	blob, err := CompressLayer(ctx, buf, comp, func(tw io.Writer) error {
-		_, err := layer.Write(ctx, prog.writer(ctx, tw), upper, opts)
+	blob, err := CompressLayer(ctx, buf, comp, level, func(tw io.Writer) error {
+		_, err := layer.Write(ctx, prog.writer(ctx, tw), cv.store.CaptureUpper(c.ID), opts)
 		return err
 	})
 	if err == nil {
 		err = buf.Flush()
 	}
-	if cerr := store.Close(); err == nil {
-		err = cerr
+	if store != nil {
+		if cerr := store.Close(); err == nil {
+			err = cerr
+		}
 	}
 	if stream != nil {
 		serr := streamOut.Close()
@@ -258,16 +304,20 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 			stream.abort(err)
 		case serr != nil:
 			stream.abort(serr)
-			log.G(ctx).WithError(serr).Info("streaming the layer to the registry failed; it is pushed afterwards")
 		default:
-			if serr = stream.finish(blob.Digest); serr != nil {
-				log.G(ctx).WithError(serr).Info("streaming the layer to the registry failed; it is pushed afterwards")
-			} else {
-				streamed = blob.Size
-			}
+			serr = stream.finish(blob.Digest)
+		}
+		switch {
+		case serr == nil && err == nil:
+			streamed = blob.Size
+		case serr != nil && !keep:
+			// The stream was the only copy: the next try keeps one.
+			return snapshotter.Layer{}, 0, registryErr(fmt.Errorf("stream layer to %s: %w", c.Target, serr))
+		case serr != nil && err == nil:
+			log.G(ctx).WithError(serr).Info("streaming the layer to the registry failed; it is pushed afterwards")
 		}
 	}
-	if err == nil {
+	if keep && err == nil {
 		err = w.Commit(ctx, blob.Size, blob.Digest, content.WithLabels(map[string]string{labelUncompressed: blob.DiffID.String()}))
 		if errdefs.IsAlreadyExists(err) {
 			err = nil
@@ -276,7 +326,7 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 	if err != nil {
 		// Shutting down: the next try truncates the ingest anyway, and
 		// containerd may be gone, so do not wait for it.
-		if ctx.Err() == nil {
+		if keep && ctx.Err() == nil {
 			actx, cancel := context.WithTimeout(ctx, abortTimeout)
 			if aerr := cs.Abort(actx, ref); aerr != nil && !errdefs.IsNotFound(aerr) {
 				log.G(ctx).WithError(aerr).Warn("cannot abort partial layer upload")
@@ -285,14 +335,36 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 		}
 		return snapshotter.Layer{}, 0, layerErr(err)
 	}
-	return snapshotter.Layer{
+	log.G(ctx).WithFields(log.Fields{
+		"digest": blob.Digest, "size": blob.Size, "uncompressed": blob.UncompressedSize,
+		"compression": comp, "level": level, "streamed": streamed > 0, "kept": keep, "took": time.Since(started),
+	}).Debug("layer built")
+	l := snapshotter.Layer{
 		MediaType: mediaType,
 		Digest:    blob.Digest,
 		Size:      blob.Size,
 		DiffID:    blob.DiffID,
 		Commit:    c.ID,
 		Created:   c.CapturedAt,
-	}, streamed, nil
+	}
+	if !keep {
+		l.Source = c.Target
+	}
+	return l, streamed, nil
+}
+
+// openLayerWriter opens the content store ingest of a layer, emptied: a
+// previous try may have left part of the blob.
+func openLayerWriter(ctx context.Context, cs content.Store, ref string) (content.Writer, error) {
+	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref))
+	if err != nil {
+		return nil, transientErr(CodeContainerdError, fmt.Errorf("open content writer: %w", err))
+	}
+	if err := w.Truncate(0); err != nil {
+		w.Close()
+		return nil, layerErr(err)
+	}
+	return w, nil
 }
 
 // layerErr classifies a failure to build a layer: containerd going away
@@ -359,10 +431,13 @@ func (cv *Converter) withLease(ctx context.Context, client *containerd.Client, c
 	return leases.WithLease(ctx, leasePrefix+commitID), nil
 }
 
-// hold adds blobs to the commit's lease.
+// hold adds the local blobs of layers to the commit's lease.
 func (cv *Converter) hold(ctx context.Context, client *containerd.Client, commitID string, layers []snapshotter.Layer) error {
 	ls := client.LeasesService()
 	for _, l := range layers {
+		if l.Source != "" {
+			continue
+		}
 		err := ls.AddResource(ctx, leases.Lease{ID: leasePrefix + commitID}, leases.Resource{ID: l.Digest.String(), Type: "content"})
 		if err != nil && !errdefs.IsAlreadyExists(err) {
 			return fmt.Errorf("hold layer %s: %w", l.Digest, err)

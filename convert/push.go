@@ -21,8 +21,11 @@ import (
 	"github.com/containerd/log"
 	"github.com/distribution/reference"
 	dockerconfig "github.com/docker/cli/cli/config"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
 
 // pushConcurrency bounds the blobs uploaded at once.
@@ -70,17 +73,17 @@ func (cv *Converter) credentials(host string) (string, string, error) {
 // push uploads the image's blobs, concurrently, skipping those the
 // registry has, then the manifest, last, so that the target never names a
 // partial image.
-func (cv *Converter) push(ctx context.Context, cs content.Store, target string, base *baseImage, img *builtImage, prog *progress) error {
+func (cv *Converter) push(ctx context.Context, cs content.Store, target string, base *baseImage, layers []snapshotter.Layer, img *builtImage, prog *progress) error {
 	resolver := cv.resolver(ctx)
 	pusher, err := resolver.Pusher(ctx, target)
 	if err != nil {
 		return registryErr(fmt.Errorf("push to %s: %w", target, err))
 	}
-	source := newBaseSource(resolver, base, target)
+	sources := newBlobSources(resolver, base, layers, target)
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(pushConcurrency)
 	for _, desc := range img.blobs() {
-		g.Go(func() error { return pushBlob(gctx, pusher, cs, desc, source, prog) })
+		g.Go(func() error { return pushBlob(gctx, pusher, cs, desc, sources, prog) })
 	}
 	if err := g.Wait(); err != nil {
 		return cv.pushErr(fmt.Errorf("push to %s: %w", target, err))
@@ -132,21 +135,21 @@ func (cv *Converter) refusal(err error) string {
 	}
 }
 
-// pushBlob uploads one blob from the content store. A base layer is
-// mounted from the base's repository when the target is on the same
-// registry; one the store no longer has (CRI's discard_unpacked_layers)
-// and the registry cannot mount is streamed from the base's registry.
-func pushBlob(ctx context.Context, pusher remotes.Pusher, cs content.Store, desc ocispec.Descriptor, source *baseSource, prog *progress) error {
-	if source != nil && source.has(desc) {
-		// Mounted from the base's repository rather than uploaded, when
-		// the registry can.
-		desc = source.annotate(desc)
+// pushBlob uploads one blob from the content store. A blob with a source
+// (a base layer, or a layer an earlier commit streamed to a registry) is
+// mounted from the source's repository when the target is on the same
+// registry; one the store does not have that the registry cannot mount is
+// streamed from the source's registry.
+func pushBlob(ctx context.Context, pusher remotes.Pusher, cs content.Store, desc ocispec.Descriptor, sources *blobSources, prog *progress) error {
+	src := sources.of(desc)
+	if src != nil {
+		desc = sources.annotate(desc, src)
 	}
 	ra, err := cs.ReaderAt(ctx, desc)
 	switch {
 	case err == nil:
 		defer ra.Close()
-	case errdefs.IsNotFound(err) && source != nil && source.has(desc):
+	case errdefs.IsNotFound(err) && src != nil:
 	default:
 		return fmt.Errorf("blob %s: %w", desc.Digest, err)
 	}
@@ -163,7 +166,7 @@ func pushBlob(ctx context.Context, pusher remotes.Pusher, cs content.Store, desc
 	if ra != nil {
 		r = content.NewReader(ra)
 	} else {
-		rc, err := source.fetch(ctx, desc)
+		rc, err := sources.fetch(ctx, desc, src)
 		if err != nil {
 			return err
 		}
@@ -171,9 +174,9 @@ func pushBlob(ctx context.Context, pusher remotes.Pusher, cs content.Store, desc
 		r = rc
 	}
 	if err := content.Copy(ctx, w, prog.reader(ctx, r), desc.Size, desc.Digest); err != nil {
-		// A base layer the base's registry did not give says so alone:
-		// the copy's own wording would only repeat the digest.
-		var fe *baseFetchError
+		// A blob its source registry did not give says so alone: the
+		// copy's own wording would only repeat the digest.
+		var fe *sourceFetchError
 		if errors.As(err, &fe) {
 			return fe
 		}
@@ -183,42 +186,71 @@ func pushBlob(ctx context.Context, pusher remotes.Pusher, cs content.Store, desc
 	return nil
 }
 
-// baseSource is where base layers missing from the content store come
-// from: the registry and repository of the base image.
-type baseSource struct {
-	resolver remotes.Resolver
-	ref      string
-	host     string
-	repo     string
-	// sameHost: the target is on the base's registry, which can mount.
-	sameHost bool
-	layers   map[string]bool
+// blobSources are where the blobs of an image that the content store may
+// lack come from: the base image's repository for base layers, and the
+// repository it was pushed to for a layer an earlier commit streamed.
+type blobSources struct {
+	resolver   remotes.Resolver
+	targetHost string
+	byDigest   map[digest.Digest]*blobSource
 }
 
-func newBaseSource(resolver remotes.Resolver, base *baseImage, target string) *baseSource {
-	if base == nil || base.name == "" {
-		return nil
-	}
-	named, err := reference.ParseNormalizedNamed(base.name)
-	if err != nil {
-		return nil // a local name: there is nowhere to fetch from
-	}
-	s := &baseSource{resolver: resolver, ref: base.name, host: reference.Domain(named), repo: reference.Path(named), layers: map[string]bool{}}
+// blobSource is one repository that holds blobs.
+type blobSource struct {
+	ref  string // an image reference in the repository
+	host string
+	repo string
+	what string // "base layer" or "layer", for messages
+}
+
+func newBlobSources(resolver remotes.Resolver, base *baseImage, layers []snapshotter.Layer, target string) *blobSources {
+	s := &blobSources{resolver: resolver, byDigest: map[digest.Digest]*blobSource{}}
 	if t, err := reference.ParseNormalizedNamed(target); err == nil {
-		s.sameHost = reference.Domain(t) == s.host
+		s.targetHost = reference.Domain(t)
 	}
-	for _, l := range base.manifest.Layers {
-		s.layers[l.Digest.String()] = true
+	if base != nil && base.name != "" {
+		if src := newBlobSource(base.name, "base layer"); src != nil {
+			for _, l := range base.manifest.Layers {
+				s.byDigest[l.Digest] = src
+			}
+		}
+	}
+	sources := map[string]*blobSource{}
+	for _, l := range layers {
+		if l.Source == "" {
+			continue
+		}
+		if sources[l.Source] == nil {
+			sources[l.Source] = newBlobSource(l.Source, "layer")
+		}
+		if src := sources[l.Source]; src != nil {
+			s.byDigest[l.Digest] = src
+		}
 	}
 	return s
 }
 
-func (s *baseSource) has(desc ocispec.Descriptor) bool { return s.layers[desc.Digest.String()] }
+// newBlobSource returns nil for a local name: there is nowhere to fetch
+// from.
+func newBlobSource(ref, what string) *blobSource {
+	named, err := reference.ParseNormalizedNamed(ref)
+	if err != nil {
+		return nil
+	}
+	return &blobSource{ref: ref, host: reference.Domain(named), repo: reference.Path(named), what: what}
+}
 
-// annotate asks the pusher to mount the blob from the base repository
+func (s *blobSources) of(desc ocispec.Descriptor) *blobSource {
+	if s == nil {
+		return nil
+	}
+	return s.byDigest[desc.Digest]
+}
+
+// annotate asks the pusher to mount the blob from its source's repository
 // when the target is on the same registry.
-func (s *baseSource) annotate(desc ocispec.Descriptor) ocispec.Descriptor {
-	if !s.sameHost {
+func (s *blobSources) annotate(desc ocispec.Descriptor, src *blobSource) ocispec.Descriptor {
+	if src.host != s.targetHost {
 		return desc
 	}
 	annotations := map[string]string{}
@@ -227,50 +259,50 @@ func (s *baseSource) annotate(desc ocispec.Descriptor) ocispec.Descriptor {
 	}
 	// Keyed by the host name without its port, as containerd's pusher
 	// looks it up.
-	host := s.host
+	host := src.host
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
-	annotations[labelDistributionSource+host] = s.repo
+	annotations[labelDistributionSource+host] = src.repo
 	desc.Annotations = annotations
 	return desc
 }
 
-// fetch opens a base layer at the base's registry. The docker fetcher
+// fetch opens a blob at its source's registry. The docker fetcher
 // connects at the first read, not in Fetch, so read errors are wrapped
-// too: however the fetch fails, the error names the layer and the image.
-func (s *baseSource) fetch(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
-	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "from": s.ref}).Info("base layer missing from the content store; streaming it from the base's registry")
-	fetcher, err := s.resolver.Fetcher(ctx, s.ref)
+// too: however the fetch fails, the error names the blob and the image.
+func (s *blobSources) fetch(ctx context.Context, desc ocispec.Descriptor, src *blobSource) (io.ReadCloser, error) {
+	log.G(ctx).WithFields(log.Fields{"digest": desc.Digest, "from": src.ref}).Info(src.what + " missing from the content store; streaming it from its registry")
+	fetcher, err := s.resolver.Fetcher(ctx, src.ref)
 	if err != nil {
-		return nil, s.fetchErr(desc, err)
+		return nil, src.fetchErr(desc, err)
 	}
 	rc, err := fetcher.Fetch(ctx, desc)
 	if err != nil {
-		return nil, s.fetchErr(desc, err)
+		return nil, src.fetchErr(desc, err)
 	}
-	return &baseReader{ReadCloser: rc, source: s, desc: desc}, nil
+	return &sourceReader{ReadCloser: rc, source: src, desc: desc}, nil
 }
 
-func (s *baseSource) fetchErr(desc ocispec.Descriptor, err error) error {
-	return &baseFetchError{err: fmt.Errorf("base layer %s is not in the content store, and fetching it from %s failed: %w", desc.Digest, s.ref, err)}
+func (s *blobSource) fetchErr(desc ocispec.Descriptor, err error) error {
+	return &sourceFetchError{err: fmt.Errorf("%s %s is not in the content store, and fetching it from %s failed: %w", s.what, desc.Digest, s.ref, err)}
 }
 
-// baseFetchError is a failure to read a base layer from the base's
-// registry; it wraps the cause, which classifies it.
-type baseFetchError struct{ err error }
+// sourceFetchError is a failure to read a blob from its source registry;
+// it wraps the cause, which classifies it.
+type sourceFetchError struct{ err error }
 
-func (e *baseFetchError) Error() string { return e.err.Error() }
-func (e *baseFetchError) Unwrap() error { return e.err }
+func (e *sourceFetchError) Error() string { return e.err.Error() }
+func (e *sourceFetchError) Unwrap() error { return e.err }
 
-// baseReader is a base layer streamed from the base's registry.
-type baseReader struct {
+// sourceReader is a blob streamed from its source registry.
+type sourceReader struct {
 	io.ReadCloser
-	source *baseSource
+	source *blobSource
 	desc   ocispec.Descriptor
 }
 
-func (r *baseReader) Read(p []byte) (int, error) {
+func (r *sourceReader) Read(p []byte) (int, error) {
 	n, err := r.ReadCloser.Read(p)
 	if err != nil && err != io.EOF {
 		err = r.source.fetchErr(r.desc, err)

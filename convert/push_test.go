@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -23,6 +24,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
 
 // emptyStore is a content store without any blob.
@@ -69,24 +71,124 @@ func (failingReader) Read([]byte) (int, error) {
 	return 0, fmt.Errorf("httpReadSeeker: failed open: dial tcp: %w", syscall.ECONNREFUSED)
 }
 
-// TestPushBlobBaseUnreachable: a base layer missing from the content
-// store whose registry cannot be reached fails the push with an error
-// that names the layer and the base image, and that is retried.
-func TestPushBlobBaseUnreachable(t *testing.T) {
-	layer := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromString("layer"), Size: 5}
-	base := &baseImage{name: "base.example/team/base:1", manifest: ocispec.Manifest{Layers: []ocispec.Descriptor{layer}}}
-	source := newBaseSource(lazyFetcher{}, base, "target.example/team/app:1")
-	err := pushBlob(context.Background(), discardPusher{}, emptyStore{}, layer, source, newProgress(0, func(context.Context) error { return nil }))
-	if err == nil {
-		t.Fatal("push succeeded")
+// TestPushBlobSourceUnreachable: a blob missing from the content store
+// (a base layer, or a layer an earlier commit streamed to a registry)
+// whose registry cannot be reached fails the push with an error that
+// names the blob and where it was looked for, and that is retried.
+func TestPushBlobSourceUnreachable(t *testing.T) {
+	blob := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromString("layer"), Size: 5}
+	for _, tc := range []struct {
+		name    string
+		base    *baseImage
+		layers  []snapshotter.Layer
+		message string
+	}{
+		{
+			name:    "base layer",
+			base:    &baseImage{name: "base.example/team/base:1", manifest: ocispec.Manifest{Layers: []ocispec.Descriptor{blob}}},
+			message: "base layer %s is not in the content store, and fetching it from base.example/team/base:1 failed: ",
+		},
+		{
+			name:    "streamed commit layer",
+			layers:  []snapshotter.Layer{{Digest: blob.Digest, Source: "target.example/team/app:0"}},
+			message: "layer %s is not in the content store, and fetching it from target.example/team/app:0 failed: ",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sources := newBlobSources(lazyFetcher{}, tc.base, tc.layers, "other.example/team/app:1")
+			err := pushBlob(context.Background(), discardPusher{}, emptyStore{}, blob, sources, newProgress(0, func(context.Context) error { return nil }))
+			if err == nil {
+				t.Fatal("push succeeded")
+			}
+			if want := fmt.Sprintf(tc.message, blob.Digest); !strings.HasPrefix(err.Error(), want) {
+				t.Fatalf("error %q, want it to start with %q", err, want)
+			}
+			if code, permanent := classify(registryErr(err)); code != CodeRegistryUnreachable || permanent {
+				t.Fatalf("classified %s (permanent %v)", code, permanent)
+			}
+		})
 	}
-	want := fmt.Sprintf("base layer %s is not in the content store, and fetching it from %s failed: ", layer.Digest, base.name)
-	if !strings.HasPrefix(err.Error(), want) {
-		t.Fatalf("error %q, want it to start with %q", err, want)
+}
+
+// TestBlobSourcesAnnotate: a blob is mounted from its source repository
+// only when the target is on the same registry, keyed as containerd's
+// pusher looks it up (the host without its port).
+func TestBlobSourcesAnnotate(t *testing.T) {
+	blob := ocispec.Descriptor{Digest: digest.FromString("layer"), Size: 5}
+	layers := []snapshotter.Layer{{Digest: blob.Digest, Source: "reg.example:5000/team/app:3"}}
+	for _, tc := range []struct {
+		target string
+		want   map[string]string
+	}{
+		{"reg.example:5000/team/other:1", map[string]string{labelDistributionSource + "reg.example": "team/app"}},
+		{"elsewhere.example/team/app:4", nil},
+	} {
+		s := newBlobSources(lazyFetcher{}, nil, layers, tc.target)
+		src := s.of(blob)
+		if src == nil {
+			t.Fatalf("%s: no source for the layer", tc.target)
+		}
+		if got := s.annotate(blob, src).Annotations; !maps.Equal(got, tc.want) {
+			t.Errorf("%s: annotations %v, want %v", tc.target, got, tc.want)
+		}
 	}
-	if code, permanent := classify(registryErr(err)); code != CodeRegistryUnreachable || permanent {
-		t.Fatalf("classified %s (permanent %v)", code, permanent)
+	if s := newBlobSources(lazyFetcher{}, nil, layers, "reg.example:5000/team/app:4"); s.of(ocispec.Descriptor{Digest: digest.FromString("other")}) != nil {
+		t.Error("a blob without a source has one")
 	}
+}
+
+// TestAvailable: a pushed image can be made of layers that are local or
+// in a registry; a local import needs every blob here.
+func TestAvailable(t *testing.T) {
+	local := snapshotter.Layer{Digest: digest.FromString("local")}
+	remote := snapshotter.Layer{Digest: digest.FromString("remote"), Source: "reg.example/app:1"}
+	lost := snapshotter.Layer{Digest: digest.FromString("lost")}
+	cs := oneBlobStore{dgst: local.Digest}
+	for _, tc := range []struct {
+		name   string
+		layers []snapshotter.Layer
+		local  bool
+		want   bool
+	}{
+		{"local blobs, push", []snapshotter.Layer{local}, false, true},
+		{"local blobs, import", []snapshotter.Layer{local}, true, true},
+		{"streamed blob, push", []snapshotter.Layer{local, remote}, false, true},
+		{"streamed blob, import", []snapshotter.Layer{local, remote}, true, false},
+		{"blob nowhere", []snapshotter.Layer{local, lost}, false, false},
+	} {
+		if got := available(context.Background(), cs, tc.layers, tc.local); got != tc.want {
+			t.Errorf("%s: available %v, want %v", tc.name, got, tc.want)
+		}
+	}
+
+	// A commit built on a pushed one finds its missing layers where that
+	// one was pushed; a local one's layers are here or where they were.
+	prev := snapshotter.Commit{Target: "reg.example/app:2", Layers: []snapshotter.Layer{local, remote, lost}}
+	got := inherit(context.Background(), cs, prev)
+	if got[0].Source != "" || got[1].Source != prev.Target || got[2].Source != prev.Target {
+		t.Errorf("inherited from a push: %+v", got)
+	}
+	prev.Local = true
+	got = inherit(context.Background(), cs, prev)
+	if got[0].Source != "" || got[1].Source != remote.Source || got[2].Source != "" {
+		t.Errorf("inherited from a local import: %+v", got)
+	}
+	if prev.Layers[1].Source != remote.Source {
+		t.Error("inherit changed the previous commit's layers")
+	}
+}
+
+// oneBlobStore is a content store holding one blob.
+type oneBlobStore struct {
+	content.Store
+	dgst digest.Digest
+}
+
+func (s oneBlobStore) Info(_ context.Context, dgst digest.Digest) (content.Info, error) {
+	if dgst != s.dgst {
+		return content.Info{}, errdefs.ErrNotFound
+	}
+	return content.Info{Digest: dgst}, nil
 }
 
 // TestPushErrRefusal: a refusal names the registry and where its

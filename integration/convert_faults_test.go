@@ -199,7 +199,8 @@ func TestConvertFaults(t *testing.T) {
 }
 
 // TestConvertFaultsDiskFull commits a container whose new layer does not
-// fit in containerd's content store (its root on a small filesystem): the
+// fit in containerd's content store (its root on a small filesystem;
+// keep_pushed_layers, since a pushed layer is otherwise not stored): the
 // job fails, saying so, without retrying a layer that cannot fit, and
 // leaves no partial blob; the capture is released; the container keeps
 // running; and once the data is gone a commit succeeds.
@@ -211,7 +212,7 @@ func TestConvertFaultsDiskFull(t *testing.T) {
 	const fsSize = 64 << 20
 	mnt := testutil.LoopFS(t, "ext4", fsSize)
 	env := harness.Start(t, harness.Options{
-		Daemon:     harness.DaemonOptions{ConfigFile: daemonConfig(t, faultsConfig)},
+		Daemon:     harness.DaemonOptions{ConfigFile: daemonConfig(t, faultsConfig+"keep_pushed_layers = true\n")},
 		Containerd: harness.ContainerdOptions{Root: filepath.Join(mnt, "containerd")},
 	})
 	c := client(ctx, t, env)

@@ -18,6 +18,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
 	"github.com/opencontainers/image-spec/identity"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
@@ -231,7 +232,9 @@ func daemonConfig(t *testing.T, toml string) string {
 // layer of only their changes (so they upload little), commit 4 squashes
 // the chain. Every image, pulled fresh, is exactly its capture instant.
 // Layers alternate gzip and zstd; the base is a Docker v2 image, so the
-// zstd commits' manifests become OCI.
+// zstd commits' manifests become OCI. No layer is kept in containerd's
+// content store: commit 3 goes to another repository, and the registry
+// mounts the earlier layers there from the first one.
 func TestIncrementalCommits(t *testing.T) {
 	harness.Require(t)
 	ctx := testContext(t)
@@ -245,20 +248,21 @@ func TestIncrementalCommits(t *testing.T) {
 	if _, err := env.Exec(ctx, id, "sh", "-c", fmt.Sprintf("head -c %d /dev/urandom > /big", big)); err != nil {
 		t.Fatal(err)
 	}
-	target := env.Registry.Ref("seamless-test/incremental")
 	for i, tc := range []struct {
+		repo        string
 		compression string
 		layers      int
 		squashed    bool
 		manifest    string
 	}{
-		{"gzip", 1, true, images.MediaTypeDockerSchema2Manifest},
-		{"zstd", 2, false, ocispec.MediaTypeImageManifest},
-		{"gzip", 3, false, images.MediaTypeDockerSchema2Manifest},
-		{"zstd", 1, true, ocispec.MediaTypeImageManifest},
+		{"seamless-test/incremental", "gzip", 1, true, images.MediaTypeDockerSchema2Manifest},
+		{"seamless-test/incremental", "zstd", 2, false, ocispec.MediaTypeImageManifest},
+		{"seamless-test/incremental-moved", "gzip", 3, false, images.MediaTypeDockerSchema2Manifest},
+		{"seamless-test/incremental", "zstd", 1, true, ocispec.MediaTypeImageManifest},
 	} {
 		n := i + 1
-		rec := commitAndWait(ctx, t, env, id, api.CommitRequest{Target: fmt.Sprintf("%s:%d", target, n), Compression: tc.compression})
+		target := fmt.Sprintf("%s:%d", env.Registry.Ref(tc.repo), n)
+		rec := commitAndWait(ctx, t, env, id, api.CommitRequest{Target: target, Compression: tc.compression})
 		last := rec.Layers[len(rec.Layers)-1]
 		t.Logf("commit %d (%s): pause %.2f ms, %d layers, new layer %d bytes, uploaded %d bytes", n, tc.compression, rec.PauseMillis, len(rec.Layers), last.Size, rec.UploadedBytes)
 		if len(rec.Layers) != tc.layers || last.Squashed != tc.squashed || last.Commit != rec.ID {
@@ -267,6 +271,12 @@ func TestIncrementalCommits(t *testing.T) {
 		if tc.squashed != (rec.UploadedBytes > big) {
 			t.Fatalf("commit %d uploaded %d bytes: a squashed layer carries the %d random bytes, an incremental one must not", n, rec.UploadedBytes, big)
 		}
+		for _, l := range rec.Layers {
+			if l.Source == "" {
+				t.Fatalf("commit %d: layer %s has no registry source: %+v", n, l.Digest, rec.Layers)
+			}
+			checkNotStored(ctx, t, c, l)
+		}
 		step := checkPublished(ctx, t, env, c, baseRef, rec)
 		checkManifestType(ctx, t, c, rec, tc.manifest)
 		if captured := checkCapture(t, env, rec.ID); step != captured {
@@ -274,6 +284,16 @@ func TestIncrementalCommits(t *testing.T) {
 		}
 	}
 	assertWriterRuns(ctx, t, env, c, id)
+}
+
+// checkNotStored asserts that a layer streamed to a registry has no copy
+// in containerd's content store.
+func checkNotStored(ctx context.Context, t *testing.T, c *containerd.Client, l snapshotter.Layer) {
+	t.Helper()
+	ctx = namespaces.WithNamespace(ctx, harness.DefaultNamespace)
+	if _, err := c.ContentStore().Info(ctx, l.Digest); !errdefs.IsNotFound(err) {
+		t.Fatalf("layer %s of commit %s is in containerd's content store (%v): a pushed layer is kept in the registry only", l.Digest, l.Commit, err)
+	}
 }
 
 // checkManifestType asserts the media type of a published manifest, as
@@ -322,6 +342,12 @@ func TestCommitPublishesImage(t *testing.T) {
 	if step != captured {
 		t.Fatalf("the image holds step %d, the capture step %d", step, captured)
 	}
+	// The layer went to the registry only: containerd's content store
+	// does not hold a second copy.
+	if l := rec.Layers[0]; l.Source != target {
+		t.Fatalf("layer source %q, want %q", l.Source, target)
+	}
+	checkNotStored(ctx, t, c, rec.Layers[0])
 
 	// The image runs, elsewhere, and holds the data.
 	fresh := namespaces.WithNamespace(ctx, freshNamespace)

@@ -38,7 +38,20 @@ type pauseBench struct {
 	http       *http.Client
 	ref        string
 	target     string
-	containers map[int]*probeContainer
+	containers map[pauseUpper]*probeContainer
+}
+
+// pauseUpper is what a container's upper holds: files of fileSize bytes,
+// or of 4-24 KiB when fileSize is 0.
+type pauseUpper struct {
+	files, fileSize int
+}
+
+func (u pauseUpper) String() string {
+	if u.fileSize == 0 {
+		return fmt.Sprintf("files=%d", u.files)
+	}
+	return fmt.Sprintf("files=%dx%dKiB", u.files, u.fileSize>>10)
 }
 
 // probeContainer runs the probe (integration/probe) as a child of its
@@ -127,16 +140,24 @@ var pauseImpls = []pauseImpl{
 // pause-ms/op (what the pauser says:
 // the API's pause_ms for seamless, Pause call to Resume return for the
 // containerd arms). ns/op is the time of the commit (or pause) call alone.
-// Before each window the host's page cache is synced. Sub-benchmarks are files=N/impl=X for
-// `benchstat -col /impl`.
+// Before each window the host's page cache is synced. Sub-benchmarks are
+// files=N/impl=X for `benchstat -col /impl`.
+//
+// The uppers: 1,000 and 10,000 small files (4-24 KiB); with
+// SEAMLESS_BENCH_LARGE=1 also 100,000 small files and 1,000 files of 1 MiB
+// (1 GB), whose nerdctl-style commits take minutes each.
 func BenchmarkPause(b *testing.B) {
 	testutil.RequireRoot(b)
 	harness.Require(b)
 	pb := startPauseBench(b)
-	for _, files := range []int{1000, 10000} {
+	uppers := []pauseUpper{{files: 1000}, {files: 10000}}
+	if os.Getenv("SEAMLESS_BENCH_LARGE") == "1" {
+		uppers = append(uppers, pauseUpper{files: 100000}, pauseUpper{files: 1000, fileSize: 1 << 20})
+	}
+	for _, upper := range uppers {
 		for _, impl := range pauseImpls {
-			b.Run(fmt.Sprintf("files=%d/impl=%s", files, impl.name), func(b *testing.B) {
-				c := pb.container(b, files)
+			b.Run(upper.String()+"/impl="+impl.name, func(b *testing.B) {
+				c := pb.container(b, upper)
 				stalls := make([]float64, 0, b.N)
 				var pauseSum, secondSum, lostSum float64
 				b.ResetTimer()
@@ -169,15 +190,15 @@ func BenchmarkPause(b *testing.B) {
 				b.ReportMetric(secondSum/float64(b.N), "stall2-ms/op")
 				b.ReportMetric(lostSum/float64(b.N), "lost-ms/op")
 				slices.Sort(stalls)
-				b.Logf("files=%d impl=%s N=%d stall ms: median %.2f min %.2f max %.2f; pause ms mean %.2f",
-					files, impl.name, b.N, median(stalls), stalls[0], stalls[len(stalls)-1], pauseSum/float64(b.N))
+				b.Logf("%s impl=%s N=%d stall ms: median %.2f min %.2f max %.2f; pause ms mean %.2f",
+					upper, impl.name, b.N, median(stalls), stalls[0], stalls[len(stalls)-1], pauseSum/float64(b.N))
 			})
 		}
 	}
 }
 
 func startPauseBench(b *testing.B) *pauseBench {
-	ctx, cancel := context.WithTimeout(b.Context(), 15*time.Minute)
+	ctx, cancel := context.WithTimeout(b.Context(), 90*time.Minute)
 	b.Cleanup(cancel)
 	probe := buildProbe(b)
 	// SEAMLESS_BENCH_FS=xfs|btrfs puts the daemon's root on a loop-mounted
@@ -185,7 +206,7 @@ func startPauseBench(b *testing.B) *pauseBench {
 	// btrfs; by default it is wherever the temp dirs are (ext4 here: copy).
 	var opts harness.Options
 	if fstype := os.Getenv("SEAMLESS_BENCH_FS"); fstype != "" {
-		opts.Daemon.Root = filepath.Join(testutil.LoopFS(b, fstype, 8<<30), "seamless")
+		opts.Daemon.Root = filepath.Join(testutil.LoopFS(b, fstype, 16<<30), "seamless")
 	}
 	env := harness.Start(b, opts)
 	img, err := testimage.Build(testimage.WithExtraFiles(map[string][]byte{"/bin/probe": probe}))
@@ -207,7 +228,7 @@ func startPauseBench(b *testing.B) *pauseBench {
 	return &pauseBench{
 		ctx: ctx, env: env, client: c, http: newAPIClient(env).http, ref: ref,
 		target:     env.Registry.Ref("pause-bench/app"),
-		containers: map[int]*probeContainer{},
+		containers: map[pauseUpper]*probeContainer{},
 	}
 }
 
@@ -221,12 +242,11 @@ func buildProbe(tb testing.TB) []byte {
 	return data
 }
 
-// container returns the container whose upper holds files small files,
-// starting it the first time (and removing the container of the other
-// size): the probe fills /data, then the writer and
-// the spinning probe start.
-func (pb *pauseBench) container(b *testing.B, files int) *probeContainer {
-	if c, ok := pb.containers[files]; ok {
+// container returns the container with that upper, starting it the first
+// time (and removing the container of the other size): the probe fills
+// /data, then the writer and the spinning probe start.
+func (pb *pauseBench) container(b *testing.B, upper pauseUpper) *probeContainer {
+	if c, ok := pb.containers[upper]; ok {
 		return c
 	}
 	// One probe at a time: another spinning probe would take one of the
@@ -237,10 +257,10 @@ func (pb *pauseBench) container(b *testing.B, files int) *probeContainer {
 		}
 		delete(pb.containers, n)
 	}
-	id := harness.UniqueID(fmt.Sprintf("pause-%d-", files))
-	script := fmt.Sprintf("/bin/probe -fill %d -dir /data || exit 1; "+
+	id := harness.UniqueID(fmt.Sprintf("pause-%d-", upper.files))
+	script := fmt.Sprintf("/bin/probe -fill %d -fill-size %d -dir /data || exit 1; "+
 		"while :; do for i in $(seq 1 100); do echo $i > /dirty.$i; done; sleep 0.05; done & "+
-		"/bin/probe -out /probe.out & wait", files)
+		"/bin/probe -out /probe.out & wait", upper.files, upper.fileSize)
 	if err := pb.env.RunDetached(pb.ctx, id, pb.ref, seamless, "sh", "-c", script); err != nil {
 		b.Fatal(err)
 	}
@@ -252,7 +272,7 @@ func (pb *pauseBench) container(b *testing.B, files int) *probeContainer {
 		log, _ := pb.env.ContainerLog(id)
 		b.Fatalf("the probe of %s did not start: %v\n%s", id, err, log)
 	}
-	pb.containers[files] = c
+	pb.containers[upper] = c
 	return c
 }
 

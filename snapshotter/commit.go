@@ -40,9 +40,11 @@ const (
 	LabelCommit      = "containerd.io/snapshot/seamless.commit"
 	LabelPauseBudget = "containerd.io/snapshot/seamless.pause-budget"
 	LabelCompression = "containerd.io/snapshot/seamless.compression"
-	LabelLocal       = "containerd.io/snapshot/seamless.local"
-	LabelSquash      = "containerd.io/snapshot/seamless.squash"
-	labelPrefix      = "containerd.io/snapshot/seamless."
+	// LabelCompressionLevel sets the new layer's compression level.
+	LabelCompressionLevel = "containerd.io/snapshot/seamless.compression-level"
+	LabelLocal            = "containerd.io/snapshot/seamless.local"
+	LabelSquash           = "containerd.io/snapshot/seamless.squash"
+	labelPrefix           = "containerd.io/snapshot/seamless."
 )
 
 // Error codes of failed commit requests; stable, for API clients.
@@ -56,6 +58,7 @@ const (
 	CodePauseBudgetExceeded = "PAUSE_BUDGET_EXCEEDED"
 	CodeCaptureFailed       = "CAPTURE_FAILED"
 	CodeInterrupted         = "INTERRUPTED"
+	CodeCaptureLost         = "CAPTURE_LOST"
 )
 
 // CommitError is a failed commit request: a stable code for machines, the
@@ -92,6 +95,9 @@ type CommitRequest struct {
 	// Compression of the new layer (gzip, zstd); empty means the
 	// configured default.
 	Compression string
+	// CompressionLevel of the new layer; 0 means the configured level (for
+	// the configured compression) or the compressor's default.
+	CompressionLevel int
 	// Local imports the image into containerd's image store instead of
 	// pushing it to a registry.
 	Local bool
@@ -117,6 +123,9 @@ func (r *CommitRequest) normalise(defaults config.Commit) error {
 		if err := config.ValidateCompression(r.Compression); err != nil {
 			return commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "compression %w", err)
 		}
+	}
+	if err := config.ValidateCompressionLevel(r.Compression, r.CompressionLevel); err != nil {
+		return commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "compression %w", err)
 	}
 	return nil
 }
@@ -152,6 +161,12 @@ func commitRequestFromLabels(key string, before, after map[string]string, fieldp
 			req.PauseBudget = d
 		case LabelCompression:
 			req.Compression = v
+		case LabelCompressionLevel:
+			n, perr := strconv.Atoi(v)
+			if perr != nil {
+				return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "label %s=%q is not a number", k, v)
+			}
+			req.CompressionLevel = n
 		case LabelLocal, LabelSquash:
 			b, perr := strconv.ParseBool(v)
 			if perr != nil {
@@ -163,7 +178,7 @@ func commitRequestFromLabels(key string, before, after map[string]string, fieldp
 				req.Squash = b
 			}
 		default:
-			return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "unknown seamless label %s (known: %s, %s, %s, %s, %s)", k, LabelCommit, LabelPauseBudget, LabelCompression, LabelLocal, LabelSquash)
+			return req, false, commitErr(CodeInvalidOption, errdefs.ErrInvalidArgument, "unknown seamless label %s (known: %s, %s, %s, %s, %s, %s)", k, LabelCommit, LabelPauseBudget, LabelCompression, LabelCompressionLevel, LabelLocal, LabelSquash)
 		}
 	}
 	return req, true, nil
@@ -258,17 +273,18 @@ func (o *Snapshotter) startCapture(req CommitRequest, snapshotID, commitID strin
 func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID, commitID string) (rec Commit, retErr error) {
 	now := time.Now().UTC()
 	rec = Commit{
-		ID:          commitID,
-		SnapshotKey: req.Key,
-		SnapshotID:  snapshotID,
-		Target:      req.Target,
-		State:       StateCapturing,
-		Strategy:    o.strategy,
-		Local:       req.Local,
-		Squash:      req.Squash,
-		Compression: req.Compression,
-		CreatedAt:   now,
-		UpdatedAt:   now,
+		ID:               commitID,
+		SnapshotKey:      req.Key,
+		SnapshotID:       snapshotID,
+		Target:           req.Target,
+		State:            StateCapturing,
+		Strategy:         o.strategy,
+		Local:            req.Local,
+		Squash:           req.Squash,
+		Compression:      req.Compression,
+		CompressionLevel: req.CompressionLevel,
+		CreatedAt:        now,
+		UpdatedAt:        now,
 	}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{"commit": commitID, "snapshot": req.Key}))
 	defer func() {
@@ -358,11 +374,7 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	rec.CapturedAt = final.at
 	rec.CaptureBytes += final.stats.CopiedBytes
 	rec.CaptureEntries = final.stats.Entries
-	// Durable before it is recorded: the capture must survive a crash once
-	// the commit says it exists.
-	if err := cp.Sync(); err != nil {
-		return rec, fmt.Errorf("sync capture: %w", err)
-	}
+	rec.BootID, rec.CaptureSynced = o.bootID, cp.durable()
 
 	err = withTransaction(ctx, o.ms, true, func(ctx context.Context, tx *bolt.Tx) error {
 		// The snapshot may have been removed while it was captured; the
@@ -389,6 +401,9 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 			log.G(ctx).WithError(rerr).Error("failed to undo capture rename")
 		}
 		return rec, fmt.Errorf("record capture: %w", err)
+	}
+	if !rec.CaptureSynced {
+		o.syncCapture(commitID)
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"pause": rec.Pause, "frozen": rec.Frozen, "strategy": rec.Strategy,
@@ -431,7 +446,9 @@ type capturer interface {
 	PreCopy(ctx context.Context) (capture.Stats, error)
 	// Final runs frozen and makes the capture.
 	Final(ctx context.Context, alwaysRecopy []string) (capture.Stats, error)
-	Sync() error
+	// durable reports whether the capture is on disk once Final returns;
+	// if not, it is flushed in the background (see syncCapture).
+	durable() bool
 }
 
 // subvolumeSnapshot captures an active snapshot whose directory is a btrfs
@@ -466,14 +483,47 @@ func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats
 	return capture.Stats{Duration: time.Since(start)}, nil
 }
 
-// Sync is a no-op: creating a snapshot commits a btrfs transaction before
-// the ioctl returns, so the snapshot is already durable.
-func (subvolumeSnapshot) Sync() error { return nil }
+// durable: creating a snapshot commits a btrfs transaction before the
+// ioctl returns.
+func (subvolumeSnapshot) durable() bool { return true }
 
 // incrementalCopy is the copy and reflink strategies.
 type incrementalCopy struct{ *capture.Copier }
 
 func (incrementalCopy) needsPreCopy() bool { return true }
+
+// durable: copies sit in the page cache until written back.
+func (incrementalCopy) durable() bool { return false }
+
+// syncCapture flushes a recorded capture to disk in the background and
+// records that it is. Waiting for it before answering would add the write
+// of the whole capture (seconds for a GiB) to every commit, to guard only
+// against a host crash in the meantime, which recovery detects instead.
+func (o *Snapshotter) syncCapture(commitID string) {
+	o.background.Add(1)
+	go func() {
+		defer o.background.Done()
+		ctx := log.WithLogger(o.backgroundCtx, log.G(o.backgroundCtx).WithField("commit", commitID))
+		start := time.Now()
+		if err := overlay.SyncFS(o.layout.CaptureDir(commitID)); err != nil {
+			// Either way it stays unsynced.
+			if errors.Is(err, os.ErrNotExist) {
+				log.G(ctx).Debug("capture released before it was flushed")
+			} else {
+				log.G(ctx).WithError(err).Warn("cannot flush the capture to disk")
+			}
+			return
+		}
+		if _, err := o.UpdateCommit(ctx, commitID, func(c *Commit) error {
+			c.CaptureSynced = true
+			return nil
+		}); err != nil {
+			log.G(ctx).WithError(err).Warn("cannot record that the capture is on disk")
+			return
+		}
+		log.G(ctx).WithField("took", time.Since(start)).Debug("capture flushed to disk")
+	}()
+}
 
 type finalRound struct {
 	stats capture.Stats

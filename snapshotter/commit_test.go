@@ -57,6 +57,10 @@ func TestCommitRequestFromLabels(t *testing.T) {
 			fieldpaths: []string{"labels." + LabelCommit},
 			want:       CommitRequest{Key: "k", Target: "reg/app", Compression: "zstd", Local: true, Squash: true}, ok: true},
 		{name: "bad local", after: map[string]string{LabelCommit: "reg/app", LabelLocal: "yes please"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
+		{name: "compression level", after: map[string]string{LabelCommit: "reg/app", LabelCompression: "zstd", LabelCompressionLevel: "19"},
+			fieldpaths: []string{"labels." + LabelCommit},
+			want:       CommitRequest{Key: "k", Target: "reg/app", Compression: "zstd", CompressionLevel: 19}, ok: true},
+		{name: "bad compression level", after: map[string]string{LabelCommit: "reg/app", LabelCompressionLevel: "max"}, fieldpaths: []string{"labels." + LabelCommit}, code: CodeInvalidOption},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, ok, err := commitRequestFromLabels("k", tc.before, tc.after, tc.fieldpaths)
@@ -339,6 +343,7 @@ func TestCaptureBadRequests(t *testing.T) {
 		{"invalid reference", CommitRequest{Key: key, Target: "UPPER/Case:tag"}, CodeInvalidReference, errdefs.IsInvalidArgument},
 		{"empty reference", CommitRequest{Key: key}, CodeInvalidReference, errdefs.IsInvalidArgument},
 		{"negative budget", CommitRequest{Key: key, Target: "app", PauseBudget: -time.Second}, CodeInvalidOption, errdefs.IsInvalidArgument},
+		{"gzip level out of range", CommitRequest{Key: key, Target: "app", Compression: "gzip", CompressionLevel: 12}, CodeInvalidOption, errdefs.IsInvalidArgument},
 		{"commit in progress", CommitRequest{Key: key, Target: "app"}, CodeCommitInProgress, errdefs.IsConflict},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -486,6 +491,97 @@ func TestRecoveryThawsAndCleans(t *testing.T) {
 	// And a new commit works.
 	if _, err := sn2.Capture(ctx, CommitRequest{Key: key, Target: "app"}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRecoveryAfterReboot: a capture is flushed to disk in the background
+// after the commit answers. After a host restart (another boot ID), the
+// captures that were not flushed are not trusted: a pending job fails
+// with CAPTURE_LOST, a published commit's capture is released (it is no
+// longer a base for the next incremental layer); flushed captures, and
+// records from before boot IDs were kept, are left alone.
+func TestRecoveryAfterReboot(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	if err := os.WriteFile(filepath.Join(mnt, "hello"), []byte("world"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	first, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "app:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first.BootID == "" || first.BootID != sn.bootID {
+		t.Fatalf("capture recorded boot %q, the snapshotter runs in %q", first.BootID, sn.bootID)
+	}
+	// The background flush records itself.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got, err := sn.GetCommit(ctx, first.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.CaptureSynced {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the capture was never recorded as flushed to disk")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	// Records as a host crash leaves them: unflushed captures, one of
+	// them already published.
+	tests := []struct {
+		name        string
+		state       CommitState
+		boot        string
+		synced      bool
+		wantState   CommitState
+		wantCode    string
+		wantCapture bool
+	}{
+		{"pending, not flushed", StatePending, sn.bootID, false, StateFailed, CodeCaptureLost, false},
+		{"converting, not flushed", StateConverting, sn.bootID, false, StateFailed, CodeCaptureLost, false},
+		{"published, not flushed", StateDone, sn.bootID, false, StateDone, "", false},
+		{"pending, flushed", StatePending, sn.bootID, true, StatePending, "", true},
+		{"pending, from before boot IDs", StatePending, "", false, StatePending, "", true},
+	}
+	ids := make([]string, len(tests))
+	for i, tc := range tests {
+		rec := Commit{ID: newCommitID(), SnapshotKey: key, SnapshotID: mustID(t, sn, key), Target: "app", State: tc.state, BootID: tc.boot, CaptureSynced: tc.synced}
+		ids[i] = rec.ID
+		if err := withTransaction(ctx, sn.ms, true, func(_ context.Context, tx *bolt.Tx) error { return putCommit(tx, rec) }); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.MkdirAll(sn.layout.CaptureUpper(rec.ID), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root := sn.layout.Root()
+	if err := sn.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	sn2, err := New(ctx, root, WithCommitConfig(config.DefaultCommit()), WithBootID("the next boot"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn2.Close()
+	for i, tc := range tests {
+		got, err := sn2.GetCommit(ctx, ids[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.State != tc.wantState || got.ErrorCode != tc.wantCode || got.CaptureRemoved == tc.wantCapture {
+			t.Errorf("%s: recovered as %s (%s: %s), capture removed %v", tc.name, got.State, got.ErrorCode, got.Error, got.CaptureRemoved)
+		}
+		if _, err := os.Stat(sn2.layout.CaptureDir(ids[i])); (err == nil) != tc.wantCapture {
+			t.Errorf("%s: capture on disk: %v, want %v", tc.name, err == nil, tc.wantCapture)
+		}
+	}
+	// The flushed capture survives, with its data.
+	if data, err := os.ReadFile(filepath.Join(sn2.layout.CaptureUpper(first.ID), "hello")); err != nil || string(data) != "world" {
+		t.Fatalf("flushed capture holds %q, %v", data, err)
 	}
 }
 

@@ -47,6 +47,10 @@ type Layer struct {
 	// Squashed is set when the layer holds every change since the base
 	// image, replacing earlier commits' layers.
 	Squashed bool `json:"squashed,omitempty"`
+	// Source, when set, is an image reference whose repository holds the
+	// blob, which containerd's content store does not keep: a layer
+	// streamed to the registry and not copied locally.
+	Source string `json:"source,omitempty"`
 }
 
 // BaseImage is the image a committed container was created from.
@@ -88,6 +92,13 @@ type Commit struct {
 	// CaptureEntries is the number of entries in the captured layer.
 	CaptureEntries int64 `json:"capture_entries"`
 	PreCopyRounds  int   `json:"precopy_rounds"`
+	// BootID is the kernel boot the capture was made in, and
+	// CaptureSynced says it has been flushed to disk since. The flush runs
+	// in the background, beside the conversion, which reads the capture
+	// from the page cache; only a host crash before it ends can lose
+	// data, and recovery then refuses the capture.
+	BootID        string `json:"boot_id,omitempty"`
+	CaptureSynced bool   `json:"capture_synced,omitempty"`
 
 	// Local imports the image into containerd's image store instead of
 	// pushing it.
@@ -96,6 +107,8 @@ type Commit struct {
 	Squash bool `json:"squash,omitempty"`
 	// Compression of the new layer; empty means the configured default.
 	Compression string `json:"compression,omitempty"`
+	// CompressionLevel of the new layer; 0 means the configured one.
+	CompressionLevel int `json:"compression_level,omitempty"`
 	// Parent is the backend name of the committed snapshot under the
 	// active one: the base image's top layer, whose last path element
 	// containerd's unpacker sets to the layer chain's ID. Empty for a

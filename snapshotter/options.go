@@ -14,6 +14,7 @@ type settings struct {
 	lockTimeout   time.Duration
 	commit        config.Commit
 	observers     []func(Commit)
+	bootID        string
 }
 
 // Option configures a Snapshotter.
@@ -73,6 +74,17 @@ func WithCommitConfig(c config.Commit) Option {
 func WithCommitObserver(fn func(Commit)) Option {
 	return func(s *settings) error {
 		s.observers = append(s.observers, fn)
+		return nil
+	}
+}
+
+// WithBootID sets the identity of the kernel boot the snapshotter runs in,
+// read from /proc/sys/kernel/random/boot_id otherwise (tests simulate a
+// reboot with it). A capture not yet flushed when the host went down is
+// not trusted after it.
+func WithBootID(id string) Option {
+	return func(s *settings) error {
+		s.bootID = id
 		return nil
 	}
 }

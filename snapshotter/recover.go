@@ -20,6 +20,9 @@ import (
 //   - cgroups recorded as frozen by us are thawed, so that no container
 //     stays frozen because its snapshotter died;
 //   - commits still "capturing" become failed;
+//   - captures the host went down before flushing (made in another boot,
+//     not recorded as synced) are not trusted: their jobs fail, and a
+//     published commit's capture is no longer a base for the next one;
 //   - temporary captures, and captures no commit record owns (failed
 //     commits, and those whose removal was cut short), are removed.
 //
@@ -28,6 +31,7 @@ func (o *Snapshotter) recover(ctx context.Context) error {
 	var (
 		intents     map[string][]string
 		interrupted []Commit
+		lost        []Commit
 		owned       = map[string]bool{}
 	)
 	if err := withTransaction(ctx, o.ms, false, func(_ context.Context, tx *bolt.Tx) (err error) {
@@ -39,6 +43,8 @@ func (o *Snapshotter) recover(ctx context.Context) error {
 			case c.State == StateCapturing:
 				interrupted = append(interrupted, c)
 			case c.State == StateFailed, c.CaptureRemoved:
+			case c.BootID != "" && c.BootID != o.bootID && !c.CaptureSynced:
+				lost = append(lost, c)
 			default:
 				owned[c.ID] = true
 			}
@@ -74,6 +80,23 @@ func (o *Snapshotter) recover(ctx context.Context) error {
 			return err
 		}
 		log.G(ctx).WithField("commit", c.ID).Warn("commit interrupted by a restart marked failed")
+	}
+
+	for _, c := range lost {
+		c.UpdatedAt = time.Now().UTC()
+		c.CaptureRemoved = true // below
+		if c.State != StateDone {
+			c.State = StateFailed
+			c.ErrorCode = CodeCaptureLost
+			c.Error = "the host restarted before the capture was written to disk; it may be incomplete, so it was not converted: commit again"
+			c.FinishedAt = c.UpdatedAt
+		}
+		if err := withTransaction(ctx, o.ms, true, func(_ context.Context, tx *bolt.Tx) error {
+			return putCommit(tx, c)
+		}); err != nil {
+			return err
+		}
+		log.G(ctx).WithFields(log.Fields{"commit": c.ID, "state": c.State}).Warn("capture not flushed before the host restarted; not trusted")
 	}
 
 	entries, err := os.ReadDir(o.layout.CapturesDir())

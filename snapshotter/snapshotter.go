@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -53,6 +54,9 @@ type Snapshotter struct {
 	hold     *freeze.ActiveHold
 
 	observers []func(Commit)
+	// bootID identifies the kernel boot, to tell which unflushed captures
+	// a host crash may have torn.
+	bootID string
 
 	capturingMu sync.Mutex
 	capturing   map[string]string // snapshot ID -> commit ID being captured
@@ -119,6 +123,12 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 	if strategy == config.StrategyBtrfs {
 		layout = layout.WithSubvolumes()
 	}
+	if set.bootID == "" {
+		if set.bootID, err = currentBootID(); err != nil {
+			ms.Close()
+			return nil, err
+		}
+	}
 	bgCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	o := &Snapshotter{
 		layout:           layout,
@@ -128,6 +138,7 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 		mountOptions:     overlay.DetectOptions(root, set.mountOptions),
 		commitCfg:        set.commit,
 		observers:        set.observers,
+		bootID:           set.bootID,
 		strategy:         strategy,
 		capturing:        map[string]string{},
 		backgroundCtx:    bgCtx,
@@ -146,6 +157,15 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 		log.G(ctx).WithError(err).Warn("cannot keep the cgroup v1 freezer active; pauses will be several milliseconds longer")
 	}
 	return o, nil
+}
+
+// currentBootID reads the kernel's random boot ID, new at every boot.
+func currentBootID() (string, error) {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return "", fmt.Errorf("read boot ID: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }
 
 // holdName is unique per root, so that two snapshotters (tests, or two

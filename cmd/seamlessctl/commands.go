@@ -36,6 +36,8 @@ Options:
                         it to a registry
   --compression ALGO    compression of the new layer: gzip or zstd (default:
                         the daemon's configured compression)
+  --compression-level N compression level: gzip 1 (fastest) to 9, zstd 1 to
+                        22 (default: the daemon's configured level)
   --pause-budget DUR    longest the container may stay frozen, e.g. 250ms; past
                         it the container is thawed and the commit fails
                         (default: the daemon's configured budget)
@@ -66,6 +68,7 @@ func runCommit(ctx context.Context, c *cli, args []string) error {
 		target      = fs.String("target", "", "")
 		budget      = fs.String("pause-budget", "", "")
 		compression = fs.String("compression", "", "")
+		level       = fs.Int("compression-level", 0, "")
 		local       = fs.Bool("local", false, "")
 		wait        = fs.Bool("wait", false, "")
 		timeout     = fs.Duration("timeout", 0, "")
@@ -98,6 +101,9 @@ func runCommit(ctx context.Context, c *cli, args []string) error {
 			return usageErrorf("commit: --compression %v", err)
 		}
 	}
+	if err := config.ValidateCompressionLevel(*compression, *level); err != nil {
+		return usageErrorf("commit: --compression-level %v", err)
+	}
 
 	all, err := listContainers(ctx, c.address, c.namespace)
 	if err != nil {
@@ -112,12 +118,13 @@ func runCommit(ctx context.Context, c *cli, args []string) error {
 	}
 	client := newAPIClient(c.apiAddress)
 	rec, raw, err := client.createCommit(ctx, api.CommitRequest{
-		Namespace:   c.namespace,
-		Container:   ctr.SnapshotKey,
-		Target:      *target,
-		PauseBudget: *budget,
-		Compression: *compression,
-		Local:       *local,
+		Namespace:        c.namespace,
+		Container:        ctr.SnapshotKey,
+		Target:           *target,
+		PauseBudget:      *budget,
+		Compression:      *compression,
+		CompressionLevel: *level,
+		Local:            *local,
 	})
 	if err != nil {
 		return err

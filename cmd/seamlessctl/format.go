@@ -218,8 +218,13 @@ func writeDetail(w io.Writer, c api.Commit, now time.Time) error {
 	case c.CaptureDiskBytes > 0:
 		add("capture", formatBytes(c.CaptureDiskBytes)+" on disk")
 	}
-	if c.Compression != "" {
+	switch {
+	case c.Compression != "" && c.CompressionLevel != 0:
+		add("compression", fmt.Sprintf("%s, level %d", c.Compression, c.CompressionLevel))
+	case c.Compression != "":
 		add("compression", c.Compression)
+	case c.CompressionLevel != 0:
+		add("compression", fmt.Sprintf("level %d", c.CompressionLevel))
 	}
 	if b := c.Base; b != nil {
 		base := b.Name

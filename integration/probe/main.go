@@ -44,6 +44,7 @@ import (
 func main() {
 	out := flag.String("out", "/probe.out", "file the longest gap is written to on SIGUSR1")
 	fill := flag.Int("fill", 0, "create this many files under -dir and exit")
+	fillSize := flag.Int("fill-size", 0, "size of each -fill file in bytes (0: 4-24 KiB, cycling)")
 	fillNames := flag.Int("fill-names", 0, "create this many empty files directly in -dir and exit")
 	deep := flag.Int("deep", 0, "create this many nested directories with 255-byte names under -dir and exit")
 	dir := flag.String("dir", "/data", "directory for -fill, -fill-names and -deep")
@@ -60,7 +61,7 @@ func main() {
 	var err error
 	switch {
 	case *fill > 0:
-		err = fillDir(*dir, *fill)
+		err = fillDir(*dir, *fill, *fillSize)
 	case *fillNames > 0:
 		err = fillNamesDir(*dir, *fillNames)
 	case *deep > 0:
@@ -153,10 +154,11 @@ func swap(pairs []swapPair) error {
 	}
 }
 
-// fillDir writes n files whose sizes cycle through 4-24 KiB, deterministic
-// content, 100 files per sub-directory.
-func fillDir(dir string, n int) error {
-	buf := make([]byte, 24<<10)
+// fillDir writes n files of size bytes, or whose sizes cycle through 4-24
+// KiB when size is 0, with deterministic content, 100 files per
+// sub-directory.
+func fillDir(dir string, n, size int) error {
+	buf := make([]byte, max(size, 24<<10))
 	for i := range buf {
 		buf[i] = byte(i*7 + i>>8)
 	}
@@ -167,9 +169,12 @@ func fillDir(dir string, n int) error {
 				return err
 			}
 		}
-		size := (4 + (i*7)%21) << 10 // 4..24 KiB
+		n := size
+		if n == 0 {
+			n = (4 + (i*7)%21) << 10 // 4..24 KiB
+		}
 		buf[0] = byte(i)
-		if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%05d", i)), buf[:size], 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%05d", i)), buf[:n], 0o644); err != nil {
 			return err
 		}
 	}
