@@ -347,7 +347,9 @@ func (pb *pauseBench) probeWindow(b *testing.B, c *probeContainer) probeResult {
 
 // seamlessCommit asks the daemon for a commit and returns its pause_ms.
 func (pb *pauseBench) seamlessCommit(b *testing.B, c *probeContainer, i int) float64 {
-	body, _ := json.Marshal(api.CommitRequest{Namespace: "default", Container: c.id, Target: fmt.Sprintf("%s:%s-%d", pb.target, c.id, i)})
+	// A budget far above the default (500ms), so that a capture slower
+	// than that is measured rather than refused.
+	body, _ := json.Marshal(api.CommitRequest{Namespace: "default", Container: c.id, Target: fmt.Sprintf("%s:%s-%d", pb.target, c.id, i), PauseBudget: "10s"})
 	req, err := http.NewRequestWithContext(pb.ctx, "POST", "http://seamless/api/v1/commits", bytes.NewReader(body))
 	if err != nil {
 		b.Fatal(err)

@@ -216,7 +216,8 @@ func (c *Containerd) writeConfig() error {
 }
 
 // AddRegistryHost writes a hosts.toml so that host (host:port) is reached
-// over plain HTTP, for ctr --hosts-dir. containerd reads the directory on
+// over plain HTTP, for ctr --hosts-dir. No TLS setting: with one, clients
+// try HTTPS first on every request. containerd reads the directory on
 // every resolve, so hosts can be added while it runs.
 func (c *Containerd) AddRegistryHost(host string) error {
 	dir := filepath.Join(c.hostsDir, host)
@@ -227,7 +228,6 @@ func (c *Containerd) AddRegistryHost(host string) error {
 
 [host."http://%[1]s"]
   capabilities = ["pull", "resolve", "push"]
-  skip_verify = true
 `, host)
 	if err := os.WriteFile(filepath.Join(dir, "hosts.toml"), []byte(content), 0o644); err != nil {
 		return fmt.Errorf("writing hosts.toml for %s: %w", host, err)
