@@ -96,7 +96,7 @@ type CommitRequest struct {
 	// configured default.
 	Compression string
 	// CompressionLevel of the new layer; 0 means the configured level (for
-	// the configured compression) or the compressor's default.
+	// the configured compression), else the default (gzip 1, zstd 3).
 	CompressionLevel int
 	// Local imports the image into containerd's image store instead of
 	// pushing it to a registry.
