@@ -236,6 +236,7 @@ func TestSeamlessCommit(t *testing.T) {
 			{"unknown container", api.CommitRequest{Namespace: "default", Container: "nope", Target: target}, 404, "CONTAINER_NOT_FOUND"},
 			{"wrong namespace", api.CommitRequest{Namespace: "k8s.io", Container: id, Target: target}, 404, "CONTAINER_NOT_FOUND"},
 			{"invalid reference", api.CommitRequest{Namespace: "default", Container: id, Target: "Not A Ref"}, 400, snapshotter.CodeInvalidReference},
+			{"compression level out of range", api.CommitRequest{Namespace: "default", Container: id, Target: target, Compression: "gzip", CompressionLevel: 12}, 400, snapshotter.CodeInvalidOption},
 			{"committed layer", api.CommitRequest{SnapshotKey: "nope/1/x", Target: target}, 404, snapshotter.CodeSnapshotNotFound},
 			{"pause budget exceeded", api.CommitRequest{Namespace: "default", Container: id, Target: target, PauseBudget: "1ns"}, 503, snapshotter.CodePauseBudgetExceeded},
 		} {

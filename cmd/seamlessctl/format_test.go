@@ -188,6 +188,10 @@ func TestWriteDetail(t *testing.T) {
 	retry.ErrorCode, retry.Error = "REGISTRY_ERROR", "503 Service Unavailable"
 	failed := sample()
 	failed.State, failed.Attempts, failed.CaptureRemoved = snapshotter.StateFailed, 1, true
+	leveled := sample()
+	leveled.Compression, leveled.CompressionLevel = "zstd", 19
+	fastest := sample()
+	fastest.CompressionLevel = 1
 	failed.ErrorCode, failed.Error = "REGISTRY_AUTH", "401 Unauthorized"
 	for _, tc := range []struct {
 		name string
@@ -240,6 +244,28 @@ capture   removed
 attempts  1
 error     [REGISTRY_AUTH] 401 Unauthorized
 created   2025-01-02T03:04:05Z
+`},
+		{"compression and level", leveled, `commit       m5x0k1a-0123456789abcdef
+snapshot     default/7/web
+target       localhost:5000/app:v1
+publish      push to the registry
+state        pending
+pause        1.23 ms
+strategy     reflink
+captured     1234 entries, 5.6 MiB
+compression  zstd, level 19
+created      2025-01-02T03:04:05Z
+`},
+		{"level of the configured compression", fastest, `commit       m5x0k1a-0123456789abcdef
+snapshot     default/7/web
+target       localhost:5000/app:v1
+publish      push to the registry
+state        pending
+pause        1.23 ms
+strategy     reflink
+captured     1234 entries, 5.6 MiB
+compression  level 1
+created      2025-01-02T03:04:05Z
 `},
 		{"done", done(), `commit       m5x0k1a-0123456789abcdef
 snapshot     default/7/web

@@ -101,7 +101,7 @@ func TestCommands(t *testing.T) {
 		{name: "list -h", args: []string{"list", "-h"}, stdout: []string{"--state", "Examples:"}},
 		{name: "wait --help", args: []string{"wait", "--help"}, stdout: []string{"--timeout", "done: <target>@<digest>", "Examples:"}},
 		{name: "help wait", args: []string{"help", "wait"}, stdout: []string{"Usage: seamlessctl wait"}},
-		{name: "commit help shows the new options", args: []string{"commit", "--help"}, stdout: []string{"--wait", "--timeout", "--local", "--compression"}},
+		{name: "commit help shows the new options", args: []string{"commit", "--help"}, stdout: []string{"--wait", "--timeout", "--local", "--compression", "--compression-level"}},
 		{name: "no command", code: exitUsage, stderr: "seamlessctl: no command given (see 'seamlessctl --help')"},
 		{name: "unknown command", args: []string{"frobnicate"}, code: exitUsage, stderr: `unknown command "frobnicate"`},
 		{name: "unknown global flag", args: []string{"--frob", "list"}, code: exitUsage, stderr: "flag provided but not defined: -frob"},

@@ -220,6 +220,8 @@ func TestWaitUsage(t *testing.T) {
 		{[]string{"commit", "--container", "web", "--target", "r/app:v1", "--timeout", "1m"}, "commit: --timeout is only for --wait"},
 		{[]string{"commit", "--container", "web", "--target", "r/app:v1", "--wait", "--timeout", "-1m"}, "--timeout -1m0s must be positive"},
 		{[]string{"commit", "--container", "web", "--target", "r/app:v1", "--compression", "lz4"}, `commit: --compression "lz4" is not one of gzip, zstd`},
+		{[]string{"commit", "--container", "web", "--target", "r/app:v1", "--compression", "gzip", "--compression-level", "12"}, "commit: --compression-level level 12 is out of range for gzip (1-9, or 0 for the default)"},
+		{[]string{"commit", "--container", "web", "--target", "r/app:v1", "--compression-level", "fast"}, `invalid value "fast" for flag -compression-level`},
 		{[]string{"commit", "--container", "web", "--target", "r/app:v1", "--local=maybe"}, `invalid boolean value "maybe" for -local`},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
