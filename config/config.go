@@ -70,6 +70,12 @@ type Commit struct {
 	// PreCopyConverged ends the pre-copy early once a round finds at most
 	// this many changed entries.
 	PreCopyConverged int `toml:"precopy_converged"`
+	// TrackChanges (copy and reflink) watches the layer's directories
+	// with inotify while a commit runs, so that each round after the
+	// first, the frozen one included, visits only what changed instead
+	// of every entry. Off, or where inotify is unavailable, every round
+	// examines every entry.
+	TrackChanges bool `toml:"track_changes"`
 }
 
 // Layer compressions.
@@ -184,6 +190,7 @@ func DefaultCommit() Commit {
 		PauseBudget:      Duration(500 * time.Millisecond),
 		PreCopyRounds:    5,
 		PreCopyConverged: 100,
+		TrackChanges:     true,
 	}
 }
 

@@ -62,7 +62,12 @@ mount_options = ["volatile"]
 		{name: "reserved mount option", toml: "[snapshotter]\nmount_options = [\"upperdir=/x\"]", wantErr: "snapshotter.mount_options:"},
 		{name: "syntax error", toml: `root = `, wantErr: "line 1"},
 		{name: "commit section", toml: "[commit]\nstrategy = \"copy\"\npause_budget = \"50ms\"\nprecopy_rounds = 2\nprecopy_converged = 10", check: func(t *testing.T, c Config) {
-			if c.Commit != (Commit{Strategy: "copy", PauseBudget: Duration(50 * time.Millisecond), PreCopyRounds: 2, PreCopyConverged: 10}) {
+			if c.Commit != (Commit{Strategy: "copy", PauseBudget: Duration(50 * time.Millisecond), PreCopyRounds: 2, PreCopyConverged: 10, TrackChanges: true}) {
+				t.Errorf("got %+v", c.Commit)
+			}
+		}},
+		{name: "change tracking off", toml: "[commit]\ntrack_changes = false", check: func(t *testing.T, c Config) {
+			if c.Commit.TrackChanges || c.Commit.PreCopyRounds != 5 {
 				t.Errorf("got %+v", c.Commit)
 			}
 		}},

@@ -344,12 +344,23 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		if err := os.Mkdir(tmp, 0o700); err != nil {
 			return rec, fmt.Errorf("prepare capture: %w", err)
 		}
-		copier, err := capture.NewCopier(upper, filepath.Join(tmp, "fs"), capture.Options{Reflink: rec.Strategy == config.StrategyReflink})
+		opts := capture.Options{Reflink: rec.Strategy == config.StrategyReflink, TrackChanges: o.commitCfg.TrackChanges}
+		copier, err := capture.NewCopier(upper, filepath.Join(tmp, "fs"), opts)
+		if errors.Is(err, capture.ErrTrackingUnavailable) {
+			log.G(ctx).WithError(err).Warn("capturing without change tracking: every round examines every entry")
+			opts.TrackChanges = false
+			copier, err = capture.NewCopier(upper, filepath.Join(tmp, "fs"), opts)
+		}
 		if err != nil {
 			return rec, fmt.Errorf("prepare capture: %w", err)
 		}
 		cp = incrementalCopy{copier}
 	}
+	defer func() {
+		if err := cp.Close(); err != nil {
+			log.G(ctx).WithError(err).Warn("failed to release the capture's change tracking")
+		}
+	}()
 
 	// Pre-copy while the container runs, until a round has little left
 	// to do.
@@ -360,7 +371,7 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		}
 		rec.PreCopyRounds++
 		rec.CaptureBytes += stats.CopiedBytes
-		log.G(ctx).WithFields(log.Fields{"round": rec.PreCopyRounds, "dirty": stats.Dirty, "bytes": stats.CopiedBytes, "took": stats.Duration}).Debug("pre-copy round")
+		log.G(ctx).WithFields(log.Fields{"round": rec.PreCopyRounds, "dirty": stats.Dirty, "entries": stats.Entries, "tracked": stats.Tracked, "bytes": stats.CopiedBytes, "took": stats.Duration}).Debug("pre-copy round")
 		if stats.Dirty <= int64(o.commitCfg.PreCopyConverged) {
 			break
 		}
@@ -449,6 +460,8 @@ type capturer interface {
 	// durable reports whether the capture is on disk once Final returns;
 	// if not, it is flushed in the background (see syncCapture).
 	durable() bool
+	// Close releases what the capturer holds between rounds.
+	Close() error
 }
 
 // subvolumeSnapshot captures an active snapshot whose directory is a btrfs
@@ -486,6 +499,8 @@ func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats
 // durable: creating a snapshot commits a btrfs transaction before the
 // ioctl returns.
 func (subvolumeSnapshot) durable() bool { return true }
+
+func (subvolumeSnapshot) Close() error { return nil }
 
 // incrementalCopy is the copy and reflink strategies.
 type incrementalCopy struct{ *capture.Copier }
@@ -576,7 +591,7 @@ func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, cop
 	pause := time.Since(start)
 	log.G(ctx).WithFields(log.Fields{
 		"freeze": frozenAt, "capture": copied - frozenAt, "thaw": pause - copied,
-		"dirty": final.stats.Dirty, "mapped": len(mapped),
+		"dirty": final.stats.Dirty, "entries": final.stats.Entries, "tracked": final.stats.Tracked, "mapped": len(mapped),
 	}).Debug("pause")
 	if thawErr != nil {
 		// Keep the intent: recovery retries the thaw.

@@ -89,41 +89,43 @@ func BenchmarkFinal(b *testing.B) {
 		root := fs.root(b)
 		src, dst := filepath.Join(root, "src"), filepath.Join(root, "dst")
 		paths := benchTree(b, src)
-		c, err := NewCopier(src, dst, Options{Reflink: fs.reflink, Workers: benchWorkers()})
-		must(b, err)
-		_, err = c.PreCopy(context.Background())
-		must(b, err)
-		converge(b, c)
-		next := 0
-		b.Run(benchName(b, fs, root), func(b *testing.B) {
-			var dirty, entries int64
-			for i := 0; i < b.N; i++ {
-				b.StopTimer()
-				// Settle the previous iteration's changes, as the pre-copy
-				// rounds before a freeze would.
-				time.Sleep(2 * time.Duration(c.margin))
-				_, err := c.PreCopy(context.Background())
-				must(b, err)
-				for j := 0; j < benchDirty; j++ {
-					p := paths[next%len(paths)]
-					next += 97 // spread over the directories
-					fi, err := os.Stat(p)
+		for _, track := range []bool{false, true} {
+			dst := fmt.Sprintf("%s-track=%v", dst, track)
+			c := newCopier(b, src, dst, Options{Reflink: fs.reflink, Workers: benchWorkers(), TrackChanges: track})
+			_, err := c.PreCopy(context.Background())
+			must(b, err)
+			converge(b, c)
+			next := 0
+			b.Run(fmt.Sprintf("%s/track=%v", benchName(b, fs, root), track), func(b *testing.B) {
+				var dirty, entries int64
+				for i := 0; i < b.N; i++ {
+					b.StopTimer()
+					// Settle the previous iteration's changes, as the pre-copy
+					// rounds before a freeze would.
+					time.Sleep(2 * time.Duration(c.margin))
+					_, err := c.PreCopy(context.Background())
 					must(b, err)
-					must(b, os.WriteFile(p, randBytes(int(fi.Size())), 0o644))
+					for j := 0; j < benchDirty; j++ {
+						p := paths[next%len(paths)]
+						next += 97 // spread over the directories
+						fi, err := os.Stat(p)
+						must(b, err)
+						must(b, os.WriteFile(p, randBytes(int(fi.Size())), 0o644))
+					}
+					b.StartTimer()
+					st, err := c.Final(context.Background(), nil)
+					b.StopTimer()
+					must(b, err)
+					dirty += st.Dirty
+					entries += st.Entries
+					if st.CopiedFiles != benchDirty || st.Tracked != track {
+						b.Fatalf("Final copied %d files, want %d; tracked %v, want %v: %+v", st.CopiedFiles, benchDirty, st.Tracked, track, st)
+					}
 				}
-				b.StartTimer()
-				st, err := c.Final(context.Background(), nil)
-				b.StopTimer()
-				must(b, err)
-				dirty += st.Dirty
-				entries += st.Entries
-				if st.CopiedFiles != benchDirty {
-					b.Fatalf("Final copied %d files, want %d: %+v", st.CopiedFiles, benchDirty, st)
-				}
-			}
-			b.ReportMetric(float64(dirty)/float64(b.N), "dirty/op")
-			b.ReportMetric(float64(entries)/float64(b.N), "entries/op")
-		})
+				b.ReportMetric(float64(dirty)/float64(b.N), "dirty/op")
+				b.ReportMetric(float64(entries)/float64(b.N), "entries/op")
+			})
+		}
 	}
 }
 

@@ -62,6 +62,17 @@ type Options struct {
 	// subdirectories are handed to idle workers. 0 means GOMAXPROCS, at
 	// most 8; 1 walks sequentially.
 	Workers int
+	// TrackChanges watches the source's directories with inotify, so
+	// that a round after the first visits only the entries that changed
+	// since the previous one, instead of stat'ing every entry: the final
+	// round then takes time in proportion to the changes, not to the
+	// tree. Rounds fall back to walking everything when an event may
+	// have been lost, and while the source holds a hard-linked file.
+	// NewCopier fails with an error wrapping ErrTrackingUnavailable when
+	// inotify cannot be used (e.g. fs.inotify.max_user_instances is
+	// reached), so a caller can go on without. Close releases the
+	// watches.
+	TrackChanges bool
 }
 
 // Stats describe one round.
@@ -74,6 +85,9 @@ type Stats struct {
 	Linked      int64         // hard links created in the destination
 	Removed     int64         // destination entries removed (a directory's whole subtree counts)
 	Duration    time.Duration // wall time of the round
+	// Tracked: the round visited only what changed since the previous
+	// one (Options.TrackChanges), rather than every entry.
+	Tracked bool
 }
 
 func (s *Stats) add(o Stats) {
@@ -93,6 +107,9 @@ var (
 	// ErrSourceChanged: the source changed while Final walked it, so the
 	// writers were not (all) frozen and the copy is not point in time.
 	ErrSourceChanged = errors.New("capture: source changed during the final round (are all writers frozen?)")
+	// ErrTrackingUnavailable: Options.TrackChanges was asked for, but
+	// inotify cannot be used.
+	ErrTrackingUnavailable = errors.New("capture: change tracking (inotify) is not available")
 )
 
 // DefaultRacyMargin is two ticks of the coarse real-time clock that the
@@ -114,7 +131,8 @@ func DefaultRacyMargin() time.Duration {
 // directory as of the start of its latest round. It remembers, for every
 // entry, the stat data it copied, so a round only acts on what changed. A
 // Copier is safe for use by one goroutine at a time; rounds are serialised.
-// It holds no file descriptors between rounds.
+// Between rounds it holds no file descriptors, except, with
+// Options.TrackChanges, an inotify instance until Close.
 type Copier struct {
 	mu       sync.Mutex
 	src, dst string
@@ -124,6 +142,10 @@ type Copier struct {
 	root     entry   // the source root; root.dir holds the tree
 	workers  int
 	noRange  atomic.Bool // copy_file_range does not work from src to dst: use read/write
+	tracker  *tracker    // nil without Options.TrackChanges
+	// walkAll: the next round must visit every entry (the first round,
+	// after an error, while the source holds hard links).
+	walkAll bool
 	// raceHook, set by tests only, runs between stat'ing a source entry
 	// and opening it: the window in which a container can swap it.
 	raceHook func(dirfd int, name string)
@@ -180,9 +202,31 @@ func NewCopier(src, dst string, opts Options) (*Copier, error) {
 			return nil, err
 		}
 	}
-	c := &Copier{src: src, dst: dst, reflink: opts.Reflink, margin: int64(margin), workers: workers}
+	c := &Copier{src: src, dst: dst, reflink: opts.Reflink, margin: int64(margin), workers: workers, walkAll: true}
 	c.root = entry{ctime: invalidTime, dir: &dirNode{}}
+	if opts.TrackChanges {
+		if c.tracker, err = newTracker(); err != nil {
+			if created {
+				os.Remove(dst)
+			}
+			return nil, fmt.Errorf("%w: %w", ErrTrackingUnavailable, err)
+		}
+	}
 	return c, nil
+}
+
+// Close releases what the Copier holds between rounds (the inotify
+// instance of Options.TrackChanges). The destination is left as it is.
+func (c *Copier) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.tracker == nil {
+		return nil
+	}
+	err := c.tracker.close()
+	c.tracker = nil
+	c.walkAll = true
+	return err
 }
 
 // within reports whether p is dir or lies below it.
@@ -304,23 +348,35 @@ func (c *Copier) run(ctx context.Context, final bool, force *forceNode) (Stats, 
 	if err := ctx.Err(); err != nil {
 		return Stats{}, fmt.Errorf("capture: %s round not started: %w", kind, err)
 	}
-	sh := &shared{links: make(map[devIno]*linkGroup), stop: make(chan struct{})}
-	if c.workers > 1 {
-		sh.slots = make(chan struct{}, c.workers-1)
+	idx := c.newRound(start.UnixNano())
+	var plan changes
+	tracked := false
+	if c.tracker != nil {
+		// Everything that changed before this point is in the plan; what
+		// changes from now on is for the next round.
+		ch, complete := c.tracker.take()
+		tracked = complete && !c.walkAll
+		if tracked {
+			plan = ch
+		}
 	}
-	r := &round{
-		c:     c,
-		ctx:   ctx,
-		done:  ctx.Done(),
-		final: final,
-		idx:   c.newRound(start.UnixNano()),
-		sh:    sh,
+	r, err := c.walk(ctx, final, idx, force, tracked, plan)
+	if errors.Is(err, errNeedFull) {
+		done := r.stats
+		r, err = c.walk(ctx, final, idx, force, false, nil)
+		r.stats.add(done)
 	}
-	err := r.walkRoot(force)
+	if err == nil && final && c.tracker != nil && !c.tracker.quiet() {
+		err = fmt.Errorf("%w: inotify reported a change", ErrSourceChanged)
+	}
+	switch {
+	case err != nil:
+		c.walkAll = true
+	case !r.tracked:
+		c.walkAll = r.sh.linked.Load()
+	}
 	r.stats.Duration = time.Since(start)
-	if sh.err != nil {
-		err = sh.err // the first error, rather than a worker's "halted"
-	}
+	r.stats.Tracked = r.tracked
 	if err != nil {
 		if cerr := ctx.Err(); cerr != nil && errors.Is(err, cerr) {
 			return r.stats, fmt.Errorf("capture: %s round aborted after %v (%d entries examined): %w",
@@ -329,4 +385,28 @@ func (c *Copier) run(ctx context.Context, final bool, force *forceNode) (Stats, 
 		return r.stats, fmt.Errorf("capture: %s round: %w", kind, err)
 	}
 	return r.stats, nil
+}
+
+// walk runs one walk of a round: of every entry, or, when tracked, of the
+// entries in plan and the directories leading to them.
+func (c *Copier) walk(ctx context.Context, final bool, idx uint16, force *forceNode, tracked bool, plan changes) (*round, error) {
+	sh := &shared{links: make(map[devIno]*linkGroup), stop: make(chan struct{})}
+	if c.workers > 1 {
+		sh.slots = make(chan struct{}, c.workers-1)
+	}
+	r := &round{
+		c:       c,
+		ctx:     ctx,
+		done:    ctx.Done(),
+		final:   final,
+		idx:     idx,
+		sh:      sh,
+		tracked: tracked,
+		plan:    plan,
+	}
+	err := r.walkRoot(force)
+	if sh.err != nil {
+		err = sh.err // the first error, rather than a worker's "halted"
+	}
+	return r, err
 }

@@ -26,12 +26,14 @@ import (
 // the writers stop, Final must produce an exact copy.
 func TestConcurrentWriters(t *testing.T) {
 	testutil.RequireRoot(t)
-	for _, workers := range []int{1, 4} {
-		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) { testConcurrentWriters(t, workers) })
+	for _, track := range []bool{false, true} {
+		for _, workers := range []int{1, 4} {
+			t.Run(fmt.Sprintf("track=%v/workers=%d", track, workers), func(t *testing.T) { testConcurrentWriters(t, workers, track) })
+		}
 	}
 }
 
-func testConcurrentWriters(t *testing.T, workers int) {
+func testConcurrentWriters(t *testing.T, workers int, track bool) {
 	base := t.TempDir()
 	src, dst, outside := filepath.Join(base, "src"), filepath.Join(base, "dst"), filepath.Join(base, "outside")
 	canary := filepath.Join(outside, "canary")
@@ -115,8 +117,7 @@ func testConcurrentWriters(t *testing.T, workers int) {
 		}
 	}()
 
-	c, err := NewCopier(src, dst, Options{Workers: workers})
-	must(t, err)
+	c := newCopier(t, src, dst, Options{Workers: workers, TrackChanges: track})
 	for i := 0; i < 8; i++ {
 		st, err := c.PreCopy(context.Background())
 		if err != nil {
@@ -147,6 +148,19 @@ func testConcurrentWriters(t *testing.T, workers int) {
 	if after := listing(t, outside); after != outsideBefore {
 		t.Errorf("the canary changed")
 	}
+
+	// Rounds after a clean one visit only what changed since.
+	converge(t, c)
+	writeFile(t, p("d1/f07"), []byte("after the storm"), 0o644)
+	must(t, os.Rename(p("d2"), p("d2.moved")))
+	must(t, os.Remove(p("victim")))
+	fin, err = c.Final(context.Background(), nil)
+	must(t, err)
+	t.Logf("Final: %+v", fin)
+	compareTrees(t, src, dst)
+	if fin.Tracked != track {
+		t.Errorf("Final after quiet rounds: Tracked = %v, want %v", fin.Tracked, track)
+	}
 }
 
 // TestFinalDetectsChanges: a source that changes during Final means the
@@ -154,15 +168,20 @@ func testConcurrentWriters(t *testing.T, workers int) {
 // that is not point in time. (A change between rounds is, of course, fine.)
 func TestFinalDetectsChanges(t *testing.T) {
 	testutil.RequireRoot(t)
+	for _, track := range []bool{false, true} {
+		t.Run(fmt.Sprintf("track=%v", track), func(t *testing.T) { testFinalDetectsChanges(t, track) })
+	}
+}
+
+func testFinalDetectsChanges(t *testing.T, track bool) {
 	base := t.TempDir()
 	src, dst := filepath.Join(base, "src"), filepath.Join(base, "dst")
 	must(t, os.Mkdir(src, 0o755))
 	for i := 0; i < 2000; i++ {
 		writeFile(t, filepath.Join(src, fmt.Sprintf("f%04d", i)), []byte("x"), 0o644)
 	}
-	c, err := NewCopier(src, dst, Options{})
-	must(t, err)
-	_, err = c.PreCopy(context.Background())
+	c := newCopier(t, src, dst, Options{TrackChanges: track})
+	_, err := c.PreCopy(context.Background())
 	must(t, err)
 	ctx, stop := context.WithCancel(context.Background())
 	done := make(chan struct{})

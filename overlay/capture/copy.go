@@ -41,7 +41,15 @@ func (r *round) copyFile(sfd, dfd int, name string, st *unix.Stat_t, existed boo
 	const flags = unix.O_WRONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
 	var wfd int
 	var err error
-	if existed {
+	// A copy over an existing file writes over its data rather than
+	// truncating it first: after a truncation to zero, ext4
+	// (auto_da_alloc) and xfs start writing the file back when it is
+	// closed, which, under the freeze, costs more than the copy itself.
+	// Clones replace the whole file anyway.
+	overwrite := existed && (!r.c.reflink || st.Size <= plainCopyMax)
+	if overwrite {
+		wfd, err = unix.Openat(dfd, name, flags, 0)
+	} else if existed {
 		wfd, err = unix.Openat(dfd, name, flags|unix.O_TRUNC, 0)
 	} else {
 		err = r.create(dfd, name, func() (err error) {
@@ -54,10 +62,15 @@ func (r *round) copyFile(sfd, dfd int, name string, st *unix.Stat_t, existed boo
 	}
 	defer unix.Close(wfd)
 	if rfd >= 0 {
-		n, err := r.copyData(rfd, wfd, st.Size)
+		n, err := r.copyData(rfd, wfd, st.Size, overwrite)
 		r.stats.CopiedBytes += n
 		if err != nil {
 			return err
+		}
+	}
+	if overwrite {
+		if err := unix.Ftruncate(wfd, st.Size); err != nil {
+			return fmt.Errorf("ftruncate: %w", err)
 		}
 	}
 	r.stats.CopiedFiles++
@@ -117,7 +130,7 @@ const plainCopyMax = 256 << 10
 // plainCopyMax, else only the data segments (SEEK_DATA/SEEK_HOLE), then
 // sets the size, so holes stay holes. It returns the bytes copied or
 // cloned.
-func (r *round) copyData(rfd, wfd int, size int64) (int64, error) {
+func (r *round) copyData(rfd, wfd int, size int64, overwrite bool) (int64, error) {
 	plain := size <= plainCopyMax
 	if r.c.reflink && !plain {
 		if err := unix.IoctlFileClone(wfd, rfd); err != nil {
@@ -150,6 +163,11 @@ func (r *round) copyData(rfd, wfd int, size int64) (int64, error) {
 		if data >= size {
 			break
 		}
+		if overwrite && data > off {
+			if err := punchHole(wfd, off, data-off); err != nil {
+				return copied, err
+			}
+		}
 		n, err := r.copyRange(rfd, wfd, data, hole-data, plain)
 		copied += n
 		end = data + n
@@ -162,11 +180,25 @@ func (r *round) copyData(rfd, wfd int, size int64) (int64, error) {
 		off = hole
 	}
 	if end != size { // a trailing hole
+		if overwrite && end < size {
+			if err := punchHole(wfd, end, size-end); err != nil {
+				return copied, err
+			}
+		}
 		if err := unix.Ftruncate(wfd, size); err != nil {
 			return copied, fmt.Errorf("ftruncate: %w", err)
 		}
 	}
 	return copied, nil
+}
+
+// punchHole deallocates n bytes at off of a file being written over, where
+// the source has a hole (and the file may hold older data).
+func punchHole(fd int, off, n int64) error {
+	if err := unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+		return fmt.Errorf("punch a hole: %w", err)
+	}
+	return nil
 }
 
 // copyRange copies n bytes at off from rfd to the same offset of wfd, with

@@ -19,6 +19,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// newCopier is NewCopier, closed at the end of the test.
+func newCopier(t testing.TB, src, dst string, opts Options) *Copier {
+	t.Helper()
+	c, err := NewCopier(src, dst, opts)
+	must(t, err)
+	t.Cleanup(func() { must(t, c.Close()) })
+	return c
+}
+
 func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {

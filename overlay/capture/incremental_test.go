@@ -17,14 +17,19 @@ import (
 
 // TestIncremental changes a pre-copied tree in every way a container can
 // and checks that Final alone brings the copy up to date.
+// With change tracking, the tree holds no hard links (they make rounds
+// walk everything, see TestTrackedHardLinks), and Final must visit only
+// what changed.
 func TestIncremental(t *testing.T) {
 	testutil.RequireRoot(t)
-	for _, workers := range []int{1, 4} {
-		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) { testIncremental(t, workers) })
+	for _, track := range []bool{false, true} {
+		for _, workers := range []int{1, 4} {
+			t.Run(fmt.Sprintf("track=%v/workers=%d", track, workers), func(t *testing.T) { testIncremental(t, workers, track) })
+		}
 	}
 }
 
-func testIncremental(t *testing.T, workers int) {
+func testIncremental(t *testing.T, workers int, track bool) {
 	base := t.TempDir()
 	src, dst := filepath.Join(base, "src"), filepath.Join(base, "dst")
 	p := func(rel string) string { return filepath.Join(src, rel) }
@@ -36,7 +41,9 @@ func testIncremental(t *testing.T, workers int) {
 		writeFile(t, p(rel), []byte("original "+rel), 0o644)
 	}
 	must(t, unix.Setxattr(p("rmxattr"), "user.gone", []byte("soon"), 0))
-	must(t, os.Link(p("pair1"), p("pair2")))
+	if !track {
+		must(t, os.Link(p("pair1"), p("pair2")))
+	}
 	must(t, os.MkdirAll(p("dir-to-symlink/sub"), 0o755))
 	writeFile(t, p("dir-to-symlink/sub/f"), []byte("under a dir that becomes a symlink"), 0o644)
 	must(t, os.Symlink("untouched", p("symlink-to-dir")))
@@ -46,10 +53,15 @@ func testIncremental(t *testing.T, workers int) {
 	must(t, os.Mkdir(p("becomes-opaque"), 0o755))
 	must(t, os.Mkdir(p("hl-dir"), 0o755))
 	setTime(t, p("same-size"), old, old)
+	writeFile(t, p("punched"), randBytes(256<<10), 0o644)
+	writeFile(t, p("shrinks"), randBytes(256<<10), 0o644)
+	for i := range 50 { // untouched below: a tracked Final does not visit them
+		must(t, os.MkdirAll(p(fmt.Sprintf("quiet/%02d", i)), 0o755))
+		writeFile(t, p(fmt.Sprintf("quiet/%02d/file", i)), []byte("quiet"), 0o644)
+	}
 
-	c, err := NewCopier(src, dst, Options{Workers: workers})
-	must(t, err)
-	_, err = c.PreCopy(context.Background())
+	c := newCopier(t, src, dst, Options{Workers: workers, TrackChanges: track})
+	_, err := c.PreCopy(context.Background())
 	must(t, err)
 	converge(t, c) // so that Final sees only what follows
 	compareTrees(t, src, dst)
@@ -105,14 +117,26 @@ func testIncremental(t *testing.T, workers int) {
 		{"removexattr", func() { must(t, unix.Removexattr(p("rmxattr"), "user.gone")) }},
 		{"opaque directory", func() { must(t, unix.Setxattr(p("becomes-opaque"), "trusted.overlay.opaque", []byte("y"), 0)) }},
 		{"add hard links", func() {
-			must(t, os.Link(p("linkme"), p("linkme2")))
-			must(t, os.Link(p("linkme"), p("hl-dir/linkme3")))
+			if !track {
+				must(t, os.Link(p("linkme"), p("linkme2")))
+				must(t, os.Link(p("linkme"), p("hl-dir/linkme3")))
+			}
 		}},
 		{"split a hard link", func() {
-			must(t, os.Remove(p("pair2")))
-			writeFile(t, p("pair2"), []byte("original pair1"), 0o644)
+			if !track {
+				must(t, os.Remove(p("pair2")))
+				writeFile(t, p("pair2"), []byte("original pair1"), 0o644)
+			}
 		}},
 		{"extend into a sparse file", func() { must(t, os.Truncate(p("sparse-later"), 1<<30)) }},
+		{"punch a hole into a copied file", func() {
+			// Written over in place, the copy must lose the data there.
+			f, err := os.OpenFile(p("punched"), os.O_RDWR, 0)
+			must(t, err)
+			defer f.Close()
+			must(t, unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 64<<10, 128<<10))
+		}},
+		{"shrink a copied file", func() { must(t, os.Truncate(p("shrinks"), 1000)) }},
 		{"new file in a new directory", func() {
 			must(t, os.MkdirAll(p("new/dir"), 0o755))
 			writeFile(t, p("new/dir/file"), []byte("new"), 0o600)
@@ -125,10 +149,20 @@ func testIncremental(t *testing.T, workers int) {
 	must(t, err)
 	t.Logf("Final: %+v", fin)
 	compareTrees(t, src, dst)
-	if fin.Removed == 0 || fin.Linked < 2 || fin.CopiedFiles < 8 {
+	var st unix.Stat_t
+	if fin.Removed == 0 || (!track && fin.Linked < 2) || fin.CopiedFiles < 8 {
 		t.Errorf("Final stats %+v do not reflect the changes", fin)
 	}
-	var st unix.Stat_t
+	if fin.Tracked != track {
+		t.Errorf("Final: Tracked = %v, want %v", fin.Tracked, track)
+	}
+	if track && fin.Entries > 60 {
+		t.Errorf("tracked Final examined %d entries; the changes touch fewer than 60 of %d", fin.Entries, 3*50+40)
+	}
+	must(t, unix.Stat(filepath.Join(dst, "punched"), &st))
+	if st.Blocks*512 > 160<<10 {
+		t.Errorf("punched: %d bytes allocated, want the hole punched", st.Blocks*512)
+	}
 	must(t, unix.Stat(filepath.Join(dst, "sparse-later"), &st))
 	if st.Blocks*512 > 64<<10 {
 		t.Errorf("sparse-later: %d bytes allocated", st.Blocks*512)
@@ -194,19 +228,25 @@ func TestRacySameSecond(t *testing.T) {
 // data says clean, e.g. files written through a shared writable mapping.
 func TestAlwaysRecopy(t *testing.T) {
 	testutil.RequireRoot(t)
-	for _, workers := range []int{1, 4} {
-		t.Run(fmt.Sprintf("workers=%d", workers), func(t *testing.T) { testAlwaysRecopy(t, workers) })
+	for _, track := range []bool{false, true} {
+		for _, workers := range []int{1, 4} {
+			t.Run(fmt.Sprintf("track=%v/workers=%d", track, workers), func(t *testing.T) { testAlwaysRecopy(t, workers, track) })
+		}
 	}
 }
 
-func testAlwaysRecopy(t *testing.T, workers int) {
+// Stores through a shared mapping change no time stamp and raise no
+// inotify event: only alwaysRecopy catches them, tracked or not.
+func testAlwaysRecopy(t *testing.T, workers int, track bool) {
 	base := t.TempDir()
 	src, dst := filepath.Join(base, "src"), filepath.Join(base, "dst")
 	must(t, os.MkdirAll(filepath.Join(src, "sub"), 0o755))
 	writeFile(t, filepath.Join(src, "mapped"), make([]byte, 4096), 0o644)
 	writeFile(t, filepath.Join(src, "sub", "mapped2"), []byte("two"), 0o644)
 	writeFile(t, filepath.Join(src, "other"), []byte("other"), 0o644)
-	must(t, os.Link(filepath.Join(src, "sub", "mapped2"), filepath.Join(src, "alias")))
+	if !track {
+		must(t, os.Link(filepath.Join(src, "sub", "mapped2"), filepath.Join(src, "alias")))
+	}
 
 	f, err := os.OpenFile(filepath.Join(src, "mapped"), os.O_RDWR, 0)
 	must(t, err)
@@ -216,8 +256,7 @@ func testAlwaysRecopy(t *testing.T, workers int) {
 	defer unix.Munmap(mem)
 	copy(mem, "version 1")
 
-	c, err := NewCopier(src, dst, Options{Workers: workers})
-	must(t, err)
+	c := newCopier(t, src, dst, Options{Workers: workers, TrackChanges: track})
 	_, err = c.PreCopy(context.Background())
 	must(t, err)
 	converge(t, c)
@@ -234,8 +273,8 @@ func testAlwaysRecopy(t *testing.T, workers int) {
 	for i := 0; i < 2; i++ {
 		fin, err = c.Final(context.Background(), force)
 		must(t, err)
-		if fin.CopiedFiles != 2 {
-			t.Errorf("Final %d with alwaysRecopy copied %d files, want 2 (%+v)", i, fin.CopiedFiles, fin)
+		if fin.CopiedFiles != 2 || fin.Tracked != track {
+			t.Errorf("Final %d with alwaysRecopy copied %d files, want 2; tracked %v, want %v (%+v)", i, fin.CopiedFiles, fin.Tracked, track, fin)
 		}
 	}
 	got := readFile(t, filepath.Join(dst, "mapped"))

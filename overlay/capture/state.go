@@ -33,6 +33,7 @@ type dirNode struct {
 	parent  *dirNode // nil for the root
 	name    string   // name in parent
 	entries []entry
+	wd      int32 // inotify watch on the source directory (Options.TrackChanges); 0: none
 }
 
 // invalidTime is a ctime no stat returns: the entry is treated as changed.

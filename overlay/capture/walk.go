@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -24,6 +25,10 @@ type round struct {
 	idx   uint16
 	sh    *shared
 	stats Stats // this worker's; a parent adds its spawned workers' at the join
+	// tracked: visit only the entries in plan (and new directories),
+	// not every entry.
+	tracked bool
+	plan    changes
 
 	dirents []byte // getdents buffer
 	xnames  []byte // source xattr names
@@ -41,6 +46,9 @@ type shared struct {
 	stop  chan struct{}         // closed on the first error
 	once  sync.Once
 	err   error // the first error
+	// linked: an entry other than a directory or a whiteout has more
+	// than one link, so the next round must walk everything.
+	linked atomic.Bool
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -136,7 +144,7 @@ func (r *round) halt(err error) {
 
 // fork makes the state of a new worker.
 func (r *round) fork() *round {
-	return &round{c: r.c, ctx: r.ctx, done: r.done, final: r.final, idx: r.idx, sh: r.sh}
+	return &round{c: r.c, ctx: r.ctx, done: r.done, final: r.final, idx: r.idx, sh: r.sh, tracked: r.tracked, plan: r.plan}
 }
 
 // spawn runs job on another worker, if one is idle.
@@ -265,6 +273,16 @@ func (r *round) walkRoot(force *forceNode) error {
 // destination entries (which changes the directory's mtime). Whatever
 // happens, node afterwards describes the destination exactly.
 func (r *round) dirContents(sfd, dfd int, node *dirNode, force *forceNode) (changed bool, err error) {
+	if t := r.c.tracker; t != nil {
+		if r.tracked && node.wd != 0 {
+			return r.dirChanges(sfd, dfd, node, force, withForced(r.plan[node], force))
+		}
+		// Watch before listing: what changes after the listing is
+		// reported. Without a watch, the next round walks everything.
+		if node.wd == 0 {
+			t.watch(sfd, node)
+		}
+	}
 	names, err := r.readNames(sfd)
 	if err != nil {
 		if err == unix.ENOENT {
@@ -286,7 +304,7 @@ func (r *round) dirContents(sfd, dfd int, node *dirNode, force *forceNode) (chan
 				w++
 				continue
 			}
-			ne, keep, ch, cerr, p := r.child(sfd, dfd, node, names[i], &old[i], force)
+			ne, keep, ch, cerr, p := r.child(sfd, dfd, node, names[i], &old[i], force, true)
 			changed = changed || ch
 			err = cerr
 			r.halt(err)
@@ -381,7 +399,7 @@ func (r *round) dirContents(sfd, dfd int, node *dirNode, force *forceNode) (chan
 			}
 			continue
 		}
-		ne, keep, ch, cerr, p := r.child(sfd, dfd, node, n, o, force)
+		ne, keep, ch, cerr, p := r.child(sfd, dfd, node, n, o, force, true)
 		changed = changed || ch
 		err = cerr
 		r.halt(err)
@@ -397,6 +415,92 @@ func (r *round) dirContents(sfd, dfd int, node *dirNode, force *forceNode) (chan
 	next, changed, err = r.join(next, pends, changed, err)
 	node.entries = next
 	return changed, err
+}
+
+// dirChanges is dirContents for a tracked round: it looks again only at
+// the entries named (sorted, without duplicates), whether or not they
+// still exist, and keeps what it knows of the others.
+func (r *round) dirChanges(sfd, dfd int, node *dirNode, force *forceNode, names []string) (changed bool, err error) {
+	entries := node.entries
+	var index map[string]int
+	if len(names) > 8 {
+		index = make(map[string]int, len(entries))
+		for i := range entries {
+			index[entries[i].name] = i
+		}
+	}
+	find := func(name string) int {
+		if index != nil {
+			if i, ok := index[name]; ok {
+				return i
+			}
+			return -1
+		}
+		return slices.IndexFunc(entries, func(e entry) bool { return e.name == name })
+	}
+	place := func(i int, e entry) int {
+		if i >= 0 {
+			entries[i] = e
+			return i
+		}
+		entries = append(entries, e)
+		if index != nil {
+			index[e.name] = len(entries) - 1
+		}
+		return len(entries) - 1
+	}
+
+	var pends []*pending
+	gone := false
+	for _, n := range names {
+		if err = r.aborted(); err != nil {
+			break
+		}
+		i := find(n)
+		var old *entry
+		if i >= 0 {
+			old = &entries[i]
+		}
+		ne, keep, ch, cerr, p := r.child(sfd, dfd, node, n, old, force, false)
+		changed = changed || ch
+		err = cerr
+		r.halt(err)
+		switch {
+		case p != nil: // placeholder, filled in by join
+			p.slot = place(i, entry{name: n})
+			pends = append(pends, p)
+		case keep:
+			place(i, ne)
+		case i >= 0:
+			entries[i] = entry{}
+			gone = true
+		}
+		if err != nil {
+			break
+		}
+	}
+	entries, changed, err = r.join(entries, pends, changed, err)
+	if gone {
+		entries = slices.DeleteFunc(entries, func(e entry) bool { return e.name == "" })
+	}
+	node.entries = entries
+	return changed, err
+}
+
+// withForced adds to names (sorted) the children of force: files to
+// re-copy, directories on the way to them.
+func withForced(names []string, force *forceNode) []string {
+	if force == nil || len(force.kids) == 0 {
+		return names
+	}
+	out := slices.Clone(names)
+	for k := range force.kids {
+		if _, found := slices.BinarySearch(names, k); !found {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 func sameNames(old []entry, names []string) bool {
@@ -438,15 +542,21 @@ func (r *round) readNames(fd int) ([]string, error) {
 // whether the destination directory's entries changed. Even with an error,
 // the returned entry describes the destination. A subdirectory may be
 // handed to another worker: then the result comes later, through p.
-func (r *round) child(sfd, dfd int, parent *dirNode, name string, old *entry, force *forceNode) (ne entry, keep, changed bool, err error, p *pending) {
+// listed: name comes from listing the directory, so its absence means it
+// was removed under the walk (for a tracked round, it is only a name that
+// changed, and may be gone).
+func (r *round) child(sfd, dfd int, parent *dirNode, name string, old *entry, force *forceNode, listed bool) (ne entry, keep, changed bool, err error, p *pending) {
 	var st unix.Stat_t
 	if err := unix.Fstatat(sfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		if err == unix.ENOENT { // removed since the readdir
+		if err == unix.ENOENT {
 			if old != nil {
 				if rerr := r.remove(dfd, old); rerr != nil {
 					return invalid(*old), true, false, pathErr("remove", parent, name, rerr), nil
 				}
 				changed = true
+			}
+			if !listed {
+				return entry{}, false, changed, nil, nil
 			}
 			return entry{}, false, changed, r.raced(parent, name, err), nil
 		}
@@ -458,6 +568,20 @@ func (r *round) child(sfd, dfd int, parent *dirNode, name string, old *entry, fo
 	r.stats.Entries++
 	typ := st.Mode & unix.S_IFMT
 	fnode := force.child(name)
+	// A new link to a file does not tell the directories of its other
+	// names: with hard links in the tree, only a walk of everything is
+	// sure to see them all. Overlay's whiteouts share one inode, but
+	// their links carry no data.
+	whiteout := typ == unix.S_IFCHR && st.Rdev == 0
+	if st.Nlink > 1 && typ != unix.S_IFDIR && !whiteout {
+		if r.tracked {
+			if old == nil {
+				return entry{}, false, false, errNeedFull, nil
+			}
+			return *old, true, false, errNeedFull, nil
+		}
+		r.sh.linked.Store(true)
+	}
 
 	// Another type or another inode: replace, not update.
 	if old != nil && (old.typ() != typ || old.ino != st.Ino) {
@@ -476,7 +600,7 @@ func (r *round) child(sfd, dfd int, parent *dirNode, name string, old *entry, fo
 		dirty, racy = r.c.isDirty(old, &st)
 	}
 	forced := fnode != nil && fnode.self && typ == unix.S_IFREG
-	if st.Nlink > 1 {
+	if st.Nlink > 1 && !(r.tracked && whiteout) {
 		g, first := r.claim(devIno{st.Dev, st.Ino})
 		if !first {
 			ne, keep, ch, err := r.member(sfd, dfd, parent, name, &st, old, g, dirty, racy, forced)
@@ -531,7 +655,9 @@ func (r *round) settle(g *linkGroup, dfd int, parent *dirNode, name string, ok b
 	close(g.ready)
 }
 
-// invalid marks an entry to be copied again in the next round.
+// invalid marks an entry to be copied again in the next round. (Without
+// an error, the entry changed under the round: a tracked round hears of it
+// and visits it.)
 func invalid(e entry) entry {
 	e.ctime = invalidTime
 	return e
