@@ -76,6 +76,11 @@ type Commit struct {
 	// of every entry. Off, or where inotify is unavailable, every round
 	// examines every entry.
 	TrackChanges bool `toml:"track_changes"`
+	// PreCopyNice is the nice value (0-19) of the threads that copy while
+	// the container runs, so that the container's threads run first; 0
+	// leaves them at the daemon's priority. The frozen round always runs
+	// at the daemon's.
+	PreCopyNice int `toml:"precopy_nice"`
 }
 
 // Layer compressions.
@@ -191,6 +196,7 @@ func DefaultCommit() Commit {
 		PreCopyRounds:    5,
 		PreCopyConverged: 100,
 		TrackChanges:     true,
+		PreCopyNice:      19,
 	}
 }
 
@@ -352,6 +358,9 @@ func (c Commit) Validate() error {
 	}
 	if c.PreCopyRounds < 1 || c.PreCopyRounds > 100 {
 		return fmt.Errorf("commit.precopy_rounds: %d must be between 1 and 100", c.PreCopyRounds)
+	}
+	if c.PreCopyNice < 0 || c.PreCopyNice > 19 {
+		return fmt.Errorf("commit.precopy_nice: %d must be between 0 and 19", c.PreCopyNice)
 	}
 	if c.PreCopyConverged < 0 {
 		return fmt.Errorf("commit.precopy_converged: %d must not be negative", c.PreCopyConverged)

@@ -344,7 +344,11 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		if err := os.Mkdir(tmp, 0o700); err != nil {
 			return rec, fmt.Errorf("prepare capture: %w", err)
 		}
-		opts := capture.Options{Reflink: rec.Strategy == config.StrategyReflink, TrackChanges: o.commitCfg.TrackChanges}
+		opts := capture.Options{
+			Reflink:      rec.Strategy == config.StrategyReflink,
+			TrackChanges: o.commitCfg.TrackChanges,
+			PreCopyNice:  o.commitCfg.PreCopyNice,
+		}
 		copier, err := capture.NewCopier(upper, filepath.Join(tmp, "fs"), opts)
 		if errors.Is(err, capture.ErrTrackingUnavailable) {
 			log.G(ctx).WithError(err).Warn("capturing without change tracking: every round examines every entry")

@@ -73,6 +73,12 @@ type Options struct {
 	// reached), so a caller can go on without. Close releases the
 	// watches.
 	TrackChanges bool
+	// PreCopyNice lowers the CPU priority of the threads that run
+	// PreCopy rounds to this nice value (1-19; 0 leaves it), so that the
+	// container, whose own threads compete for the same CPUs while it
+	// runs, is served first. Final runs at the caller's priority: the
+	// container is frozen then, and waits for it.
+	PreCopyNice int
 }
 
 // Stats describe one round.
@@ -143,6 +149,7 @@ type Copier struct {
 	workers  int
 	noRange  atomic.Bool // copy_file_range does not work from src to dst: use read/write
 	tracker  *tracker    // nil without Options.TrackChanges
+	nice     int         // Options.PreCopyNice
 	// walkAll: the next round must visit every entry (the first round,
 	// after an error, while the source holds hard links).
 	walkAll bool
@@ -161,6 +168,9 @@ func NewCopier(src, dst string, opts Options) (*Copier, error) {
 	}
 	if opts.Workers < 0 {
 		return nil, fmt.Errorf("capture: negative Workers %d", opts.Workers)
+	}
+	if opts.PreCopyNice < 0 || opts.PreCopyNice > 19 {
+		return nil, fmt.Errorf("capture: PreCopyNice %d is not between 0 and 19", opts.PreCopyNice)
 	}
 	workers := opts.Workers
 	if workers == 0 {
@@ -202,7 +212,7 @@ func NewCopier(src, dst string, opts Options) (*Copier, error) {
 			return nil, err
 		}
 	}
-	c := &Copier{src: src, dst: dst, reflink: opts.Reflink, margin: int64(margin), workers: workers, walkAll: true}
+	c := &Copier{src: src, dst: dst, reflink: opts.Reflink, margin: int64(margin), workers: workers, walkAll: true, nice: opts.PreCopyNice}
 	c.root = entry{ctime: invalidTime, dir: &dirNode{}}
 	if opts.TrackChanges {
 		if c.tracker, err = newTracker(); err != nil {
@@ -227,6 +237,16 @@ func (c *Copier) Close() error {
 	c.tracker = nil
 	c.walkAll = true
 	return err
+}
+
+// lowerPriority gives the calling goroutine an OS thread of its own for the
+// rest of its life, at the given nice value. The thread is not unlocked,
+// so it ends with the goroutine instead of serving others at that
+// priority.
+func lowerPriority(nice int) {
+	runtime.LockOSThread()
+	// Best effort: at worst the round runs at the usual priority.
+	_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), nice)
 }
 
 // within reports whether p is dir or lies below it.
@@ -404,7 +424,23 @@ func (c *Copier) walk(ctx context.Context, final bool, idx uint16, force *forceN
 		tracked: tracked,
 		plan:    plan,
 	}
-	err := r.walkRoot(force)
+	if !final && c.nice > 0 {
+		sh.nice = c.nice
+	}
+	var err error
+	if sh.nice > 0 {
+		// On a thread of its own, which ends with it: the caller's
+		// thread keeps its priority.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			lowerPriority(sh.nice)
+			err = r.walkRoot(force)
+		}()
+		<-done
+	} else {
+		err = r.walkRoot(force)
+	}
 	if sh.err != nil {
 		err = sh.err // the first error, rather than a worker's "halted"
 	}

@@ -5,7 +5,10 @@ package capture
 import (
 	"bytes"
 	"errors"
+	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"unsafe"
 
@@ -36,15 +39,22 @@ type tracker struct {
 	wakeW  int
 	closed chan struct{} // closed when the reader returned
 
-	mu      sync.Mutex
-	pending map[int32]*wdChanges // by watch descriptor, since the last take
-	lost    bool                 // an event may be missing from pending
-	buf     []byte
+	mu        sync.Mutex
+	pending   map[int32]*wdChanges // by watch descriptor, since the last take
+	lost      bool                 // an event may be missing from pending
+	unwatched bool                 // a directory could not be watched
+	buf       []byte
 
 	// watches maps watch descriptors to directories. Workers of a round
 	// add to it; take (between rounds) reads and prunes it.
 	wmu     sync.Mutex
 	watches map[int32]*dirNode
+	// limit bounds the watches of one tracker, which count against the
+	// host-wide fs.inotify.max_user_watches of the daemon's user: a huge
+	// tree must not starve other users of inotify. Past it, rounds walk
+	// everything.
+	limit     int
+	exhausted bool
 }
 
 // wdChanges is what happened in one watched directory.
@@ -80,6 +90,7 @@ func newTracker() (*tracker, error) {
 		pending: make(map[int32]*wdChanges),
 		buf:     make([]byte, 64<<10),
 		watches: make(map[int32]*dirNode),
+		limit:   watchLimit(),
 	}
 	go t.read()
 	return t, nil
@@ -164,20 +175,45 @@ func (t *tracker) parse(b []byte) {
 // describes. A directory already watched (moved, or listed again) keeps its
 // watch, now for node.
 func (t *tracker) watch(fd int, node *dirNode) error {
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	if t.exhausted || len(t.watches) >= t.limit {
+		t.exhausted = true
+		t.setUnwatched()
+		return unix.ENOSPC
+	}
 	// The magic link resolves to the directory that is open, whatever
 	// its path has become: no name in the source is looked up.
 	wd, err := unix.InotifyAddWatch(t.fd, procPath(fd), watchMask)
 	if err != nil {
-		t.mu.Lock()
-		t.lost = true
-		t.mu.Unlock()
+		t.exhausted = err == unix.ENOSPC
+		t.setUnwatched()
 		return err
 	}
-	t.wmu.Lock()
 	t.watches[int32(wd)] = node
-	t.wmu.Unlock()
 	node.wd = int32(wd)
 	return nil
+}
+
+func (t *tracker) setUnwatched() {
+	t.mu.Lock()
+	t.unwatched = true
+	t.mu.Unlock()
+}
+
+// watchLimit is a quarter of fs.inotify.max_user_watches: a few commits at
+// once leave the rest of the host its share.
+func watchLimit() int {
+	const fallback = 8192 // the kernel's smallest default
+	data, err := os.ReadFile("/proc/sys/fs/inotify/max_user_watches")
+	if err != nil {
+		return fallback
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || n <= 0 {
+		return fallback
+	}
+	return max(n/4, 1)
 }
 
 // changes is what a round visits: for each directory, the names of the
@@ -197,8 +233,8 @@ func (t *tracker) take() (changes, bool) {
 // takePending is take without reading the kernel's queue first.
 func (t *tracker) takePending() (changes, bool) {
 	t.mu.Lock()
-	pending, complete := t.pending, !t.lost
-	t.pending, t.lost = make(map[int32]*wdChanges), false
+	pending, complete := t.pending, !t.lost && !t.unwatched
+	t.pending, t.lost, t.unwatched = make(map[int32]*wdChanges), false, false
 	t.mu.Unlock()
 	t.wmu.Lock()
 	defer t.wmu.Unlock()
@@ -245,7 +281,8 @@ func (t *tracker) takePending() (changes, bool) {
 	return out, complete
 }
 
-// quiet reports whether nothing changed in the source since the last take.
+// quiet reports whether nothing changed in the watched directories since
+// the last take.
 func (t *tracker) quiet() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()

@@ -203,3 +203,27 @@ func TestTrackerTake(t *testing.T) {
 		t.Errorf("the removed directory still has watch %d", gone.wd)
 	}
 }
+
+// TestTrackedWatchLimit: a tree with more directories than a tracker may
+// watch is copied exactly, by walks of everything.
+func TestTrackedWatchLimit(t *testing.T) {
+	testutil.RequireRoot(t)
+	base := t.TempDir()
+	src, dst := filepath.Join(base, "src"), filepath.Join(base, "dst")
+	trackedTree(t, src, 10, 5)
+	c := newCopier(t, src, dst, Options{TrackChanges: true})
+	c.tracker.limit = 4
+	_, err := c.PreCopy(context.Background())
+	must(t, err)
+	converge(t, c)
+	writeFile(t, filepath.Join(src, "d07", "f01"), []byte("changed"), 0o644)
+	fin, err := c.Final(context.Background(), nil)
+	must(t, err)
+	if fin.Tracked || fin.CopiedFiles != 1 {
+		t.Errorf("Final past the watch limit: %+v, want an untracked round that copies 1 file", fin)
+	}
+	compareTrees(t, src, dst)
+	if n := len(c.tracker.watches); n > 4 {
+		t.Errorf("%d watches, limit 4", n)
+	}
+}

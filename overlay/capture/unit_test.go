@@ -8,7 +8,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unsafe"
@@ -295,4 +298,59 @@ func TestDeadline(t *testing.T) {
 	_, err = c.Final(context.Background(), nil)
 	must(t, err)
 	compareTrees(t, src, dst)
+}
+
+// threadNice is the nice value of the calling thread.
+func threadNice(t testing.TB) int {
+	data, err := os.ReadFile("/proc/thread-self/stat")
+	must(t, err)
+	// Fields after the command name, which is in parentheses: nice is
+	// the 19th field of the line, the 17th after ")".
+	fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+	n, err := strconv.Atoi(fields[16])
+	must(t, err)
+	return n
+}
+
+// TestPreCopyNice: pre-copy rounds run on threads at the nice value asked
+// for, Final at the caller's, and the caller's thread keeps its own.
+func TestPreCopyNice(t *testing.T) {
+	testutil.RequireRoot(t)
+	base := t.TempDir()
+	src, dst := filepath.Join(base, "src"), filepath.Join(base, "dst")
+	for d := range 8 {
+		must(t, os.MkdirAll(filepath.Join(src, fmt.Sprintf("d%d", d)), 0o755))
+		writeFile(t, filepath.Join(src, fmt.Sprintf("d%d", d), "f"), []byte("x"), 0o644)
+	}
+	c := newCopier(t, src, dst, Options{PreCopyNice: 13, Workers: 4})
+	var mu sync.Mutex
+	seen := map[int]int{}
+	c.raceHook = func(int, string) {
+		n := threadNice(t)
+		mu.Lock()
+		seen[n]++
+		mu.Unlock()
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	own := threadNice(t)
+
+	_, err := c.PreCopy(context.Background())
+	must(t, err)
+	if len(seen) != 1 || seen[13] == 0 {
+		t.Errorf("PreCopy ran at nice values %v, want only 13", seen)
+	}
+	clear(seen)
+	writeFile(t, filepath.Join(src, "d3", "f"), []byte("changed"), 0o644)
+	_, err = c.Final(context.Background(), nil)
+	must(t, err)
+	if len(seen) != 1 || seen[own] == 0 {
+		t.Errorf("Final ran at nice values %v, want only the caller's, %d", seen, own)
+	}
+	if n := threadNice(t); n != own {
+		t.Errorf("the caller's thread is at nice %d after the rounds, was %d", n, own)
+	}
+	if _, err := NewCopier(src, filepath.Join(base, "dst2"), Options{PreCopyNice: 20}); err == nil {
+		t.Error("NewCopier accepted PreCopyNice 20")
+	}
 }

@@ -49,6 +49,7 @@ type shared struct {
 	// linked: an entry other than a directory or a whiteout has more
 	// than one link, so the next round must walk everything.
 	linked atomic.Bool
+	nice   int // workers lower their priority to this (Options.PreCopyNice)
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -161,6 +162,9 @@ func (r *round) spawn(job func(w *round) (entry, bool, bool, error)) *pending {
 	w := r.fork()
 	go func() {
 		defer func() { <-r.sh.slots }()
+		if r.sh.nice > 0 {
+			lowerPriority(r.sh.nice)
+		}
 		p.e, p.keep, p.ch, p.err = job(w)
 		p.stats = w.stats
 		close(p.done)
