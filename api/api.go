@@ -148,7 +148,7 @@ func (m *Metrics) WatchCaptures(c Committer) {
 	m.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "seamless",
 		Name:      "capture_disk_bytes",
-		Help:      "Disk space used by the captures kept for conversion or for the next incremental commit.",
+		Help:      "Disk space used by the captures kept for conversion or for the next incremental commit (files two captures of a container share are counted in each).",
 	}, func() float64 {
 		var total int64
 		for _, rec := range collect() {

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
@@ -99,11 +101,16 @@ func (cv *Converter) Run(ctx context.Context) error {
 	}()
 	// Releasing a capture deletes a tree as large as the container's
 	// layer (seconds for a GiB): on a goroutine of its own, so that a new
-	// job never waits for it.
+	// job never waits for it, and on a thread of its own at the lowest
+	// CPU priority, so that the containers never wait for it either.
 	collect := make(chan struct{}, 1)
 	collector.Add(1)
 	go func() {
 		defer collector.Done()
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), 19); err != nil {
+			log.G(ctx).WithError(err).Debug("cannot lower the priority of the capture collector")
+		}
 		cv.collectLoop(ctx, collect)
 	}()
 	sem := make(chan struct{}, cv.cfg.Workers)

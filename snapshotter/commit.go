@@ -349,7 +349,10 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 			TrackChanges: o.commitCfg.TrackChanges,
 			PreCopyNice:  o.commitCfg.PreCopyNice,
 		}
-		copier, err := capture.NewCopier(upper, filepath.Join(tmp, "fs"), opts)
+		copier, err := o.seeded(ctx, snapshotID, filepath.Join(tmp, "fs"), opts)
+		if copier == nil {
+			copier, err = capture.NewCopier(upper, filepath.Join(tmp, "fs"), opts)
+		}
 		if errors.Is(err, capture.ErrTrackingUnavailable) {
 			log.G(ctx).WithError(err).Warn("capturing without change tracking: every round examines every entry")
 			opts.TrackChanges = false
@@ -359,6 +362,11 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 			return rec, fmt.Errorf("prepare capture: %w", err)
 		}
 		cp = incrementalCopy{copier}
+		defer func() {
+			if retErr == nil {
+				o.keepSeed(snapshotID, commitID, copier)
+			}
+		}()
 	}
 	defer func() {
 		if err := cp.Close(); err != nil {
@@ -452,6 +460,53 @@ func cgroupsUsing(ctx context.Context, upper string) ([]freeze.Cgroup, error) {
 		case <-time.After(time.Duration(i) * 10 * time.Millisecond):
 		}
 	}
+}
+
+// seed is the copier of a snapshot's latest capture.
+type seed struct {
+	commitID string
+	copier   *capture.Copier
+}
+
+// seeded returns a copier for a new capture of the snapshot, into dst,
+// seeded from its latest capture if there is one it can start from (nil
+// otherwise): the files unchanged since are linked, not copied again.
+func (o *Snapshotter) seeded(ctx context.Context, snapshotID, dst string, opts capture.Options) (*capture.Copier, error) {
+	o.capturingMu.Lock()
+	prev, ok := o.seeds[snapshotID]
+	o.capturingMu.Unlock()
+	if !ok {
+		return nil, nil
+	}
+	// The capture of a commit whose record is gone or says it is
+	// released is no start: its directory may be half deleted.
+	if c, err := o.GetCommit(ctx, prev.commitID); err != nil || c.CaptureRemoved {
+		o.dropSeed(snapshotID)
+		return nil, nil
+	}
+	copier, err := prev.copier.Seed(o.layout.CaptureUpper(prev.commitID), dst, opts)
+	if errors.Is(err, capture.ErrTrackingUnavailable) {
+		return nil, err
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).Info("capturing from scratch: cannot start from the previous capture")
+		return nil, nil
+	}
+	log.G(ctx).WithFields(log.Fields{"from": prev.commitID, "linked": copier.Seeded()}).Debug("capture seeded from the previous one")
+	return copier, nil
+}
+
+// keepSeed remembers the copier of a snapshot's latest capture.
+func (o *Snapshotter) keepSeed(snapshotID, commitID string, copier *capture.Copier) {
+	o.capturingMu.Lock()
+	defer o.capturingMu.Unlock()
+	o.seeds[snapshotID] = seed{commitID: commitID, copier: copier}
+}
+
+func (o *Snapshotter) dropSeed(snapshotID string) {
+	o.capturingMu.Lock()
+	defer o.capturingMu.Unlock()
+	delete(o.seeds, snapshotID)
 }
 
 // capturer is a capture strategy: the incremental copier (copy, reflink)

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -232,9 +233,15 @@ func (w hostWriter) assertRuns(t *testing.T) {
 func TestCaptureWhileWriting(t *testing.T) {
 	ctx := context.Background()
 	sn, key, mnt := newCommitFixture(t)
+	// A file the writer leaves alone, beside the ones it keeps changing.
+	if err := os.WriteFile(filepath.Join(mnt, "untouched"), []byte("same in every capture"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	w := startWriter(t, mnt)
 
 	last := 0
+	var captures []string
+	var steps []int
 	for i := 1; i <= 5; i++ {
 		rec, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "registry.test/app:v" + strconv.Itoa(i)})
 		if err != nil {
@@ -252,9 +259,22 @@ func TestCaptureWhileWriting(t *testing.T) {
 		}
 		last = n
 		t.Logf("commit %d: step %d, pause %v, %d pre-copy rounds, strategy %s", i, n, rec.Pause, rec.PreCopyRounds, rec.Strategy)
+		captures, steps = append(captures, sn.layout.CaptureUpper(rec.ID)), append(steps, n)
+		// Seeded from the previous capture: what the writer left alone
+		// since is the same file in both.
+		if i > 1 && sharedInodes(t, captures[i-2], captures[i-1]) == 0 {
+			t.Errorf("commit %d shares no file with the previous capture", i)
+		}
 		got, err := sn.GetCommit(ctx, rec.ID)
 		if err != nil || got.State != StatePending {
 			t.Fatalf("GetCommit: %+v %v", got, err)
+		}
+	}
+	// Later captures, which started from the earlier ones, changed none
+	// of them.
+	for i, dir := range captures {
+		if n := testutil.CheckWriterState(t, dir, workload.Upper); n != steps[i] {
+			t.Errorf("capture %d now holds step %d, it captured %d", i+1, n, steps[i])
 		}
 	}
 	// The writer runs on, thawed, and never saw an error.
@@ -267,6 +287,37 @@ func TestCaptureWhileWriting(t *testing.T) {
 	if err != nil || len(all) != 5 {
 		t.Fatalf("ListCommits: %d records, %v", len(all), err)
 	}
+}
+
+// sharedInodes counts the regular files of b that are hard links to files
+// of a.
+func sharedInodes(t *testing.T, a, b string) int {
+	t.Helper()
+	inos := map[uint64]bool{}
+	walk := func(dir string, fn func(ino uint64)) {
+		err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return err
+			}
+			fi, err := d.Info()
+			if err != nil {
+				return err
+			}
+			fn(fi.Sys().(*syscall.Stat_t).Ino)
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	walk(a, func(ino uint64) { inos[ino] = true })
+	n := 0
+	walk(b, func(ino uint64) {
+		if inos[ino] {
+			n++
+		}
+	})
+	return n
 }
 
 func TestCaptureLeavesAUserPausedContainerPaused(t *testing.T) {

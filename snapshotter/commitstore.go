@@ -134,7 +134,9 @@ type Commit struct {
 	// CaptureRemoved is set once no job needs the capture any more and
 	// its directory is (being) deleted.
 	CaptureRemoved bool `json:"capture_removed,omitempty"`
-	// CaptureDiskBytes is the disk space the capture uses on its own.
+	// CaptureDiskBytes is the disk space the capture's files use,
+	// including those it shares with the container's previous capture
+	// (hard links to the files unchanged since).
 	CaptureDiskBytes int64 `json:"capture_disk_bytes,omitempty"`
 
 	Error      string    `json:"error,omitempty"`

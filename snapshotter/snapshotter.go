@@ -60,6 +60,11 @@ type Snapshotter struct {
 
 	capturingMu sync.Mutex
 	capturing   map[string]string // snapshot ID -> commit ID being captured
+	// seeds holds, per snapshot ID, the copier of its latest capture, so
+	// that the next capture starts from it (capture.Copier.Seed) instead
+	// of copying the whole layer again. Memory only: after a restart, a
+	// snapshot's next capture is a full copy.
+	seeds map[string]seed
 	gate        freezeGate
 
 	// Captures started by the label trigger run in the background, under
@@ -141,6 +146,7 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 		bootID:           set.bootID,
 		strategy:         strategy,
 		capturing:        map[string]string{},
+		seeds:            map[string]seed{},
 		backgroundCtx:    bgCtx,
 		cancelBackground: cancel,
 	}
@@ -362,8 +368,9 @@ func (o *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // with WithSyncRemove, else by the next Cleanup.
 func (o *Snapshotter) Remove(ctx context.Context, key string) error {
 	var removals []string
-	err := withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) error {
-		if _, _, err := storage.Remove(ctx, key); err != nil {
+	var id string
+	err := withTransaction(ctx, o.ms, true, func(ctx context.Context, _ *bolt.Tx) (err error) {
+		if id, _, err = storage.Remove(ctx, key); err != nil {
 			return fmt.Errorf("remove snapshot %q: %w", key, err)
 		}
 		if o.syncRemove {
@@ -377,6 +384,7 @@ func (o *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
+	o.dropSeed(id)
 	// After the commit: the key is gone whatever happens to the directories,
 	// and a directory that survives is an orphan the next Cleanup retries.
 	o.layout.RemoveAll(ctx, removals)

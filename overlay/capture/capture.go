@@ -153,6 +153,9 @@ type Copier struct {
 	// walkAll: the next round must visit every entry (the first round,
 	// after an error, while the source holds hard links).
 	walkAll bool
+	broken  bool  // the last round failed
+	linked  bool  // the last walk of everything met a hard-linked file
+	seeded  int64 // entries Seed linked from a previous copy
 	// raceHook, set by tests only, runs between stat'ing a source entry
 	// and opening it: the window in which a container can swap it.
 	raceHook func(dirfd int, name string)
@@ -389,12 +392,11 @@ func (c *Copier) run(ctx context.Context, final bool, force *forceNode) (Stats, 
 	if err == nil && final && c.tracker != nil && !c.tracker.quiet() {
 		err = fmt.Errorf("%w: inotify reported a change", ErrSourceChanged)
 	}
-	switch {
-	case err != nil:
-		c.walkAll = true
-	case !r.tracked:
-		c.walkAll = r.sh.linked.Load()
+	c.broken = err != nil
+	if err == nil && !r.tracked {
+		c.linked = r.sh.linked.Load()
 	}
+	c.walkAll = c.broken || c.linked
 	r.stats.Duration = time.Since(start)
 	r.stats.Tracked = r.tracked
 	if err != nil {

@@ -22,10 +22,20 @@ type entry struct {
 	size  int64 // st_size, or st_rdev for a device
 	mtime int64 // unix ns
 	ctime int64 // unix ns; invalidTime forces a re-copy
-	nlink uint32
+	nlink uint32 // st_nlink (at most maxNlink), and seededBit
 	mode  uint16 // st_mode: type and permission bits
 	round uint16 // index into Copier.rounds of the round that last copied it
 }
+
+// seededBit, in entry.nlink, marks a destination that is a hard link into
+// a previous copy (see Copier.Seed): it must be replaced, never changed in
+// place. (In nlink, so that an entry stays 64 bytes.)
+const (
+	seededBit = 1 << 31
+	maxNlink  = seededBit - 1
+)
+
+func (e *entry) seeded() bool { return e.nlink&seededBit != 0 }
 
 // dirNode holds a directory's children in the order the last readdir
 // returned them, so an unchanged directory is matched without sorting.
@@ -58,7 +68,7 @@ func newEntry(name string, st *unix.Stat_t, round uint16) entry {
 		size:  sizeOf(st),
 		mtime: nsec(st.Mtim),
 		ctime: nsec(st.Ctim),
-		nlink: uint32(min(st.Nlink, math.MaxUint32)),
+		nlink: uint32(min(st.Nlink, maxNlink)),
 		mode:  uint16(st.Mode),
 		round: round,
 	}
@@ -86,7 +96,7 @@ func (e *entry) count() int64 {
 func (c *Copier) isDirty(e *entry, st *unix.Stat_t) (dirty, racy bool) {
 	if e.ino != st.Ino || uint32(e.mode) != st.Mode&0xffff || e.size != sizeOf(st) ||
 		e.mtime != nsec(st.Mtim) || e.ctime != nsec(st.Ctim) ||
-		e.nlink != uint32(min(st.Nlink, math.MaxUint32)) {
+		e.nlink&maxNlink != uint32(min(st.Nlink, maxNlink)) {
 		return true, false
 	}
 	margin := c.margin

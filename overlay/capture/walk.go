@@ -602,6 +602,9 @@ func (r *round) child(sfd, dfd int, parent *dirNode, name string, old *entry, fo
 	dirty, racy := true, false
 	if old != nil {
 		dirty, racy = r.c.isDirty(old, &st)
+		// The names of a hard-linked file get an inode of their own
+		// before anything writes to it.
+		dirty = dirty || old.seeded() && st.Nlink > 1 && !whiteout
 	}
 	forced := fnode != nil && fnode.self && typ == unix.S_IFREG
 	if st.Nlink > 1 && !(r.tracked && whiteout) {
@@ -617,11 +620,20 @@ func (r *round) child(sfd, dfd int, parent *dirNode, name string, old *entry, fo
 		return *old, true, changed, nil, nil
 	}
 	r.count(racy)
-	if err := r.copyEntry(sfd, dfd, name, &st, old != nil); err != nil {
-		ne, keep, ch, err := r.failed(dfd, parent, name, &st, old != nil, err)
+	existed := old != nil
+	if existed && old.seeded() {
+		// A link into the previous copy: replaced, so that it is not
+		// changed too.
+		if err := unix.Unlinkat(dfd, name, 0); err != nil && err != unix.ENOENT {
+			return *old, true, changed, pathErr("replace", parent, name, err), nil
+		}
+		existed, changed = false, true
+	}
+	if err := r.copyEntry(sfd, dfd, name, &st, existed); err != nil {
+		ne, keep, ch, err := r.failed(dfd, parent, name, &st, existed, err)
 		return ne, keep, changed || ch, err, nil
 	}
-	return newEntry(name, &st, r.idx), true, changed || old == nil, nil, nil
+	return newEntry(name, &st, r.idx), true, changed || !existed, nil, nil
 }
 
 // claim returns the hard-link group of a source inode in this round, and
