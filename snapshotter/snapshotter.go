@@ -65,7 +65,7 @@ type Snapshotter struct {
 	// of copying the whole layer again. Memory only: after a restart, a
 	// snapshot's next capture is a full copy.
 	seeds map[string]seed
-	gate        freezeGate
+	gate  freezeGate
 
 	// Captures started by the label trigger run in the background, under
 	// backgroundCtx; Close cancels it and waits for them.

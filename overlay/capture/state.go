@@ -19,9 +19,9 @@ type entry struct {
 	name  string
 	dir   *dirNode // children, for a directory
 	ino   uint64
-	size  int64 // st_size, or st_rdev for a device
-	mtime int64 // unix ns
-	ctime int64 // unix ns; invalidTime forces a re-copy
+	size  int64  // st_size, or st_rdev for a device
+	mtime int64  // unix ns
+	ctime int64  // unix ns; invalidTime forces a re-copy
 	nlink uint32 // st_nlink (at most maxNlink), and seededBit
 	mode  uint16 // st_mode: type and permission bits
 	round uint16 // index into Copier.rounds of the round that last copied it
