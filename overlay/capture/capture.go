@@ -24,6 +24,12 @@
 // ctime, so they go unnoticed), inode flags (chattr). The destination is
 // not fsync'ed: see Copier.Sync.
 //
+// With Options.TrackChanges, rounds after the first visit only what inotify
+// reported changed (see tracker), so that the final round, run frozen,
+// takes time in proportion to the changes rather than to the tree. A copy
+// can also start from an earlier copy of the same source (Copier.Seed):
+// what did not change since is hard-linked, not copied again.
+//
 // A Copier needs root (CAP_CHOWN, CAP_FOWNER, CAP_MKNOD, CAP_DAC_OVERRIDE,
 // CAP_SYS_ADMIN for trusted.* xattrs). Each worker holds two file
 // descriptors per directory level it is in.
