@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -15,9 +14,9 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
-	"golang.org/x/sys/unix"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
 
@@ -107,8 +106,7 @@ func (cv *Converter) Run(ctx context.Context) error {
 	collector.Add(1)
 	go func() {
 		defer collector.Done()
-		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
-		if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), 19); err != nil {
+		if err := sched.LowerPriority(19); err != nil {
 			log.G(ctx).WithError(err).Debug("cannot lower the priority of the capture collector")
 		}
 		cv.collectLoop(ctx, collect)

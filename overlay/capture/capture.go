@@ -48,6 +48,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 )
 
 // Options tune a Copier.
@@ -248,16 +250,6 @@ func (c *Copier) Close() error {
 	return err
 }
 
-// lowerPriority gives the calling goroutine an OS thread of its own for the
-// rest of its life, at the given nice value. The thread is not unlocked,
-// so it ends with the goroutine instead of serving others at that
-// priority.
-func lowerPriority(nice int) {
-	runtime.LockOSThread()
-	// Best effort: at worst the round runs at the usual priority.
-	_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), nice)
-}
-
 // within reports whether p is dir or lies below it.
 func within(p, dir string) bool {
 	rel, err := filepath.Rel(dir, p)
@@ -442,7 +434,7 @@ func (c *Copier) walk(ctx context.Context, final bool, idx uint16, force *forceN
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			lowerPriority(sh.nice)
+			_ = sched.LowerPriority(sh.nice) // best effort: at worst, the usual priority
 			err = r.walkRoot(force)
 		}()
 		<-done

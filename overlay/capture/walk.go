@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 )
 
 // round is one worker's state in a PreCopy or Final walk.
@@ -163,7 +165,7 @@ func (r *round) spawn(job func(w *round) (entry, bool, bool, error)) *pending {
 	go func() {
 		defer func() { <-r.sh.slots }()
 		if r.sh.nice > 0 {
-			lowerPriority(r.sh.nice)
+			_ = sched.LowerPriority(r.sh.nice) // best effort
 		}
 		p.e, p.keep, p.ch, p.err = job(w)
 		p.stats = w.stats
