@@ -3,12 +3,10 @@
 package overlay
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -22,17 +20,9 @@ const (
 	btrfsIocSnapDestroy    = 0x5000940f // _IOW(0x94, 15, struct btrfs_ioctl_vol_args)
 	btrfsIocSnapCreateV2   = 0x50009417 // _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2)
 	btrfsIocSync           = 0x9408     // _IO(0x94, 8)
-	btrfsIocSubvolSyncWait = 0x40109441 // _IOW(0x94, 65, struct btrfs_ioctl_subvol_wait), Linux 6.13
-	btrfsSubvolSyncCount   = 2          // BTRFS_SUBVOL_SYNC_COUNT: how many deleted subvolumes wait for cleaning
 	btrfsSubvolRdonly      = 1 << 1
 	btrfsFirstFreeObjectid = 256 // inode number of a subvolume's root
 )
-
-type btrfsSubvolWait struct {
-	subvolid uint64
-	mode     uint32
-	count    uint32
-}
 
 type btrfsVolArgs struct {
 	fd   int64
@@ -102,49 +92,6 @@ func SyncFS(path string) error {
 	return nil
 }
 
-// WaitSubvolumesCleaned waits, at most max, until the kernel has cleaned
-// up the subvolumes deleted on the btrfs filesystem holding path. A
-// snapshot commits a transaction, and the cleaning of a large deleted
-// subvolume (a released 100,000-file capture) in the same transactions
-// held it up for up to a quarter of a second, under a freeze: better
-// waited for before. The kernel starts that cleaning only at a
-// transaction commit (every 30 s by default), so it is started first.
-// Kernels that cannot count deleted subvolumes (before 6.13) do not wait.
-func WaitSubvolumesCleaned(ctx context.Context, path string, max time.Duration) error {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", path, err)
-	}
-	defer unix.Close(fd)
-	deadline := time.Now().Add(max)
-	for kicked := false; ; kicked = true {
-		if n, err := deletedSubvolumes(fd); err != nil || n == 0 {
-			return nil
-		}
-		if !kicked {
-			if err := ioctl(fd, btrfsIocSync, nil); err != nil {
-				return fmt.Errorf("sync btrfs %s: %w", path, err)
-			}
-		}
-		if time.Now().After(deadline) {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-}
-
-// deletedSubvolumes counts the deleted subvolumes not cleaned up yet on
-// the btrfs filesystem of fd.
-func deletedSubvolumes(fd int) (uint32, error) {
-	args := btrfsSubvolWait{mode: btrfsSubvolSyncCount}
-	err := ioctl(fd, btrfsIocSubvolSyncWait, unsafe.Pointer(&args))
-	return args.count, err
-}
-
 // SnapshotReadonly creates dst as a read-only snapshot of the subvolume
 // src: a point-in-time copy in constant time, whatever src holds.
 func SnapshotReadonly(src, dst string) error {
@@ -178,8 +125,8 @@ func RemoveTree(path string) error {
 			return fmt.Errorf("delete btrfs subvolume %s: %w", path, err)
 		}
 		// The kernel cleans a deleted subvolume up in the background, but
-		// only from the next transaction commit on, up to 30 s later, when
-		// it may be a snapshot's under a freeze: start it now.
+		// only from the next transaction commit on, up to 30 s later:
+		// start it now, so that the space is back at once.
 		_ = ioctl(parentFD, btrfsIocSync, nil)
 		return nil
 	})

@@ -535,22 +535,14 @@ type subvolumeSnapshot struct{ src, dst string }
 // pause instead of 20 ms.
 func (subvolumeSnapshot) needsPreCopy() bool { return true }
 
-// PreCopy lets the kernel finish cleaning up deleted subvolumes (released
-// captures) and flushes the filesystem while the container runs, so that
-// the snapshot under the freeze only commits what changed since. It
-// reports nothing dirty: one round is all it takes.
-func (s subvolumeSnapshot) PreCopy(ctx context.Context) (capture.Stats, error) {
+// PreCopy flushes the filesystem while the container runs, so that the
+// snapshot under the freeze only writes what changed since. It reports
+// nothing dirty: one round is all it takes.
+func (s subvolumeSnapshot) PreCopy(context.Context) (capture.Stats, error) {
 	start := time.Now()
-	err := overlay.WaitSubvolumesCleaned(ctx, s.src, maxCleanupWait)
-	if err == nil {
-		err = overlay.SyncFS(s.src)
-	}
+	err := overlay.SyncFS(s.src)
 	return capture.Stats{Duration: time.Since(start)}, err
 }
-
-// maxCleanupWait bounds how long a btrfs capture waits, before freezing,
-// for released captures to be cleaned up: past it, it freezes anyway.
-const maxCleanupWait = 5 * time.Second
 
 func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats, error) {
 	start := time.Now()
