@@ -3,10 +3,12 @@
 package overlay
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -20,6 +22,10 @@ const (
 	btrfsIocSnapDestroy    = 0x5000940f // _IOW(0x94, 15, struct btrfs_ioctl_vol_args)
 	btrfsIocSnapCreateV2   = 0x50009417 // _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2)
 	btrfsIocSync           = 0x9408     // _IO(0x94, 8)
+	btrfsIocTreeSearch     = 0xd0009411 // _IOWR(0x94, 17, struct btrfs_ioctl_search_args)
+	btrfsIocInoLookup      = 0xd0009412 // _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args)
+	btrfsRootTreeObjectid  = 1
+	btrfsRootItemKey       = 132
 	btrfsSubvolRdonly      = 1 << 1
 	btrfsFirstFreeObjectid = 256 // inode number of a subvolume's root
 )
@@ -50,6 +56,84 @@ func IsSubvolume(path string) bool {
 		return false
 	}
 	return IsBtrfs(path)
+}
+
+// btrfsInoLookupArgs is struct btrfs_ioctl_ino_lookup_args; with treeid 0
+// and objectid 256 it answers the ID of the subvolume holding the fd.
+type btrfsInoLookupArgs struct {
+	treeid   uint64
+	objectid uint64
+	name     [4080]byte
+}
+
+// btrfsSearchArgs is struct btrfs_ioctl_search_args: a key range, then the
+// items found.
+type btrfsSearchArgs struct {
+	treeID                   uint64
+	minObjectid, maxObjectid uint64
+	minOffset, maxOffset     uint64
+	minTransid, maxTransid   uint64
+	minType, maxType         uint32
+	nrItems                  uint32
+	_                        uint32
+	_                        [4]uint64
+	buf                      [4096 - 104]byte
+}
+
+// SubvolumeID returns the ID (root tree objectid) of the subvolume whose
+// root is path.
+func SubvolumeID(path string) (uint64, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("open subvolume %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	args := btrfsInoLookupArgs{objectid: btrfsFirstFreeObjectid}
+	if err := ioctl(fd, btrfsIocInoLookup, unsafe.Pointer(&args)); err != nil {
+		return 0, fmt.Errorf("btrfs subvolume ID of %s: %w", path, err)
+	}
+	return args.treeid, nil
+}
+
+// SubvolumeExists reports whether the btrfs filesystem holding dir still
+// has the subvolume id: a deleted subvolume exists until the kernel's
+// cleaner has dropped every block it held. It reads the root tree as it
+// is now, not as last committed (BTRFS_IOC_TREE_SEARCH, any kernel;
+// BTRFS_IOC_SUBVOL_SYNC_WAIT, 6.13, only polls once a second).
+func SubvolumeExists(dir string, id uint64) (bool, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, fmt.Errorf("open %s: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	args := btrfsSearchArgs{
+		treeID:      btrfsRootTreeObjectid,
+		minObjectid: id, maxObjectid: id,
+		maxOffset:  ^uint64(0),
+		maxTransid: ^uint64(0),
+		minType:    btrfsRootItemKey, maxType: btrfsRootItemKey,
+		nrItems: 1,
+	}
+	if err := ioctl(fd, btrfsIocTreeSearch, unsafe.Pointer(&args)); err != nil {
+		return false, fmt.Errorf("search the btrfs root tree of %s: %w", dir, err)
+	}
+	return args.nrItems > 0, nil
+}
+
+// WaitSubvolumeGone waits until the deleted subvolume id is cleaned up
+// (see SubvolumeExists), checking every poll, or until ctx ends.
+func WaitSubvolumeGone(ctx context.Context, dir string, id uint64, poll time.Duration) error {
+	for {
+		exists, err := SubvolumeExists(dir, id)
+		if err != nil || !exists {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("deleted btrfs subvolume %d still being cleaned up: %w", id, context.Cause(ctx))
+		case <-time.After(poll):
+		}
+	}
 }
 
 func withParent(path string, fn func(parentFD int, name string) error) error {

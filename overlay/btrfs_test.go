@@ -3,6 +3,7 @@
 package overlay
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -87,4 +88,64 @@ func deletedSubvolumes(fd int) (uint32, error) {
 	args := btrfsSubvolWait{mode: btrfsSubvolSyncCount}
 	err := ioctl(fd, btrfsIocSubvolSyncWait, unsafe.Pointer(&args))
 	return args.count, err
+}
+
+// TestWaitSubvolumeGone: a deleted subvolume is reported as existing
+// until the kernel has dropped it, and WaitSubvolumeGone returns once it
+// has; a live subvolume is never reported gone.
+func TestWaitSubvolumeGone(t *testing.T) {
+	testutil.RequireRoot(t)
+	mnt := testutil.LoopFS(t, "btrfs", 512<<20)
+	live, released := filepath.Join(mnt, "live"), filepath.Join(mnt, "released")
+	for _, dir := range []string{live, released} {
+		if err := CreateSubvolume(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 5000 {
+		if err := os.WriteFile(filepath.Join(released, fmt.Sprintf("f%05d", i)), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := SyncFS(mnt); err != nil {
+		t.Fatal(err)
+	}
+	liveID, err := SubvolumeID(live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := SubvolumeID(released)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id < btrfsFirstFreeObjectid || id == liveID {
+		t.Fatalf("subvolume IDs: live %d, released %d", liveID, id)
+	}
+	if exists, err := SubvolumeExists(mnt, id); err != nil || !exists {
+		t.Fatalf("SubvolumeExists before removal = %v, %v; want true", exists, err)
+	}
+	start := time.Now()
+	if err := RemoveTree(released); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := WaitSubvolumeGone(ctx, mnt, id, 5*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("dropped %v after the removal", time.Since(start))
+	if exists, err := SubvolumeExists(mnt, id); err != nil || exists {
+		t.Fatalf("SubvolumeExists after the drop = %v, %v; want false", exists, err)
+	}
+	if exists, err := SubvolumeExists(mnt, liveID); err != nil || !exists {
+		t.Fatalf("SubvolumeExists of the live subvolume = %v, %v; want true", exists, err)
+	}
+	// A subvolume still being dropped: the wait ends with ctx, saying so.
+	expired, cancel := context.WithCancel(context.Background())
+	cancel()
+	if exists, _ := SubvolumeExists(mnt, liveID); exists {
+		if err := WaitSubvolumeGone(expired, mnt, liveID, time.Millisecond); err == nil || !strings.Contains(err.Error(), "still being cleaned up") {
+			t.Fatalf("WaitSubvolumeGone of a live subvolume with an ended context = %v", err)
+		}
+	}
 }

@@ -335,6 +335,11 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	var cp capturer
 	if snapDir := o.layout.SnapshotDir(snapshotID); o.strategy == config.StrategyBtrfs && overlay.IsSubvolume(snapDir) {
 		cp = subvolumeSnapshot{src: snapDir, dst: tmp}
+		release, err := o.awaitCleanups(ctx)
+		if err != nil {
+			return rec, err
+		}
+		defer release()
 	} else {
 		if o.strategy == config.StrategyBtrfs {
 			// Made before the btrfs strategy was chosen: not a subvolume,

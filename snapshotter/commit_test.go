@@ -679,6 +679,90 @@ func TestCaptureDiskFull(t *testing.T) {
 	}
 }
 
+// TestBtrfsRelease: a released btrfs capture is gone, its blocks dropped
+// by the kernel, when RemoveCapture returns; and a btrfs capture waits
+// for a release in progress before it freezes, so that the kernel's
+// clean-up is not written out under the freeze.
+func TestBtrfsRelease(t *testing.T) {
+	ctx := context.Background()
+	testutil.RequireRoot(t)
+	root := filepath.Join(testutil.LoopFS(t, "btrfs", 256<<20), "seamless")
+	sn, err := New(ctx, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sn.Close()
+	mounts, err := sn.Prepare(ctx, "default/1/c", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5000 {
+		if err := os.WriteFile(filepath.Join(mounts[0].Source, fmt.Sprintf("f%05d", i)), []byte("data"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first, err := sn.Capture(ctx, CommitRequest{Key: "default/1/c", Target: "app"})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A release in progress holds the capture back.
+	if err := sn.cleanups.enter(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		rec Commit
+		err error
+	}
+	second := make(chan result, 1)
+	go func() {
+		rec, err := sn.Capture(ctx, CommitRequest{Key: "default/1/c", Target: "app"})
+		second <- result{rec, err}
+	}()
+	select {
+	case r := <-second:
+		t.Fatalf("a capture ran during a release: %+v, %v", r.rec, r.err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	sn.cleanups.leave(true)
+	select {
+	case r := <-second:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+	case <-time.After(subvolumeCleanupWait + 5*time.Second):
+		t.Fatal("the capture did not go on after the release")
+	}
+
+	dir := sn.layout.CaptureDir(first.ID)
+	id, err := overlay.SubvolumeID(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A capture in progress (of another container) holds the release
+	// back.
+	if err := sn.cleanups.enter(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	released := make(chan error, 1)
+	go func() { released <- sn.RemoveCapture(ctx, first.ID) }()
+	select {
+	case err := <-released:
+		t.Fatalf("a capture was released during a capture: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	sn.cleanups.leave(false)
+	if err := <-released; err != nil {
+		t.Fatal(err)
+	}
+	if exists, err := overlay.SubvolumeExists(filepath.Dir(dir), id); err != nil || exists {
+		t.Fatalf("released capture: subvolume %d exists = %v, %v; want it dropped", id, exists, err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("released capture still there: %v", err)
+	}
+}
+
 // TestBtrfsStrategy: on btrfs, active snapshots are subvolumes, a capture
 // is a read-only snapshot of one, and both are removed cleanly (Cleanup;
 // recovery of an abandoned capture).

@@ -39,3 +39,61 @@ func TestFreezeGate(t *testing.T) {
 	}
 	g.leave()
 }
+
+// TestCleanupGate: btrfs captures share the gate, a release holds it
+// alone, and each side waits for the other (a capture only as long as
+// its context allows).
+func TestCleanupGate(t *testing.T) {
+	g := newCleanupGate()
+	ctx := context.Background()
+	expired, cancel := context.WithCancel(ctx)
+	cancel()
+	entered := func(alone bool) <-chan error {
+		ch := make(chan error, 1)
+		go func() { ch <- g.enter(ctx, alone) }()
+		return ch
+	}
+	waiting := func(ch <-chan error, who string) {
+		t.Helper()
+		select {
+		case err := <-ch:
+			t.Fatalf("%s entered (%v) while the gate was held", who, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	in := func(ch <-chan error, who string) {
+		t.Helper()
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Fatalf("%s: %v", who, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s did not enter once the gate was let go", who)
+		}
+	}
+
+	// Two captures at once, of two containers: neither waits.
+	in(entered(false), "first capture")
+	in(entered(false), "second capture")
+	release := entered(true)
+	waiting(release, "a release during two captures")
+	g.leave(false)
+	waiting(release, "a release during one capture")
+	g.leave(false)
+	in(release, "the release")
+
+	// A capture during a release waits for it, or gives up with its
+	// context.
+	if err := g.enter(expired, false); err == nil {
+		t.Fatal("a capture entered during a release")
+	}
+	capture := entered(false)
+	waiting(capture, "a capture during a release")
+	g.leave(true)
+	in(capture, "the capture")
+	if err := g.enter(expired, true); err == nil {
+		t.Fatal("a release entered during a capture")
+	}
+	g.leave(false)
+}

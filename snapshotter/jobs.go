@@ -58,7 +58,12 @@ func (o *Snapshotter) RemoveCapture(ctx context.Context, commitID string) error 
 	}); err != nil {
 		return err
 	}
-	if err := overlay.RemoveTree(o.layout.CaptureDir(commitID)); err != nil {
+	dir := o.layout.CaptureDir(commitID)
+	remove := overlay.RemoveTree
+	if overlay.IsSubvolume(dir) {
+		remove = func(dir string) error { return o.removeSubvolume(ctx, dir) }
+	}
+	if err := remove(dir); err != nil {
 		return fmt.Errorf("remove capture of commit %s: %w", commitID, err)
 	}
 	log.G(ctx).WithField("commit", commitID).Debug("capture removed")

@@ -66,6 +66,9 @@ type Snapshotter struct {
 	// snapshot's next capture is a full copy.
 	seeds map[string]seed
 	gate  freezeGate
+	// cleanups keeps btrfs freezes and the clean-up of released btrfs
+	// captures apart (see cleanupGate).
+	cleanups *cleanupGate
 
 	// Captures started by the label trigger run in the background, under
 	// backgroundCtx; Close cancels it and waits for them.
@@ -147,6 +150,7 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 		strategy:         strategy,
 		capturing:        map[string]string{},
 		seeds:            map[string]seed{},
+		cleanups:         newCleanupGate(),
 		backgroundCtx:    bgCtx,
 		cancelBackground: cancel,
 	}
