@@ -189,9 +189,10 @@ func BenchmarkPause(b *testing.B) {
 				b.ReportMetric(pauseSum/float64(b.N), "pause-ms/op")
 				b.ReportMetric(secondSum/float64(b.N), "stall2-ms/op")
 				b.ReportMetric(lostSum/float64(b.N), "lost-ms/op")
+				inOrder := fmt.Sprintf("%.1f", stalls)
 				slices.Sort(stalls)
-				b.Logf("%s impl=%s N=%d stall ms: median %.2f min %.2f max %.2f; pause ms mean %.2f",
-					upper, impl.name, b.N, median(stalls), stalls[0], stalls[len(stalls)-1], pauseSum/float64(b.N))
+				b.Logf("%s impl=%s N=%d stall ms: median %.2f min %.2f max %.2f (in order %s); pause ms mean %.2f",
+					upper, impl.name, b.N, median(stalls), stalls[0], stalls[len(stalls)-1], inOrder, pauseSum/float64(b.N))
 			})
 		}
 	}

@@ -369,15 +369,14 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 		cp = incrementalCopy{copier}
 		defer func() {
 			if retErr == nil {
-				o.keepSeed(snapshotID, commitID, copier)
+				o.keepSeed(ctx, snapshotID, commitID, copier)
+				return
+			}
+			if err := copier.Close(); err != nil {
+				log.G(ctx).WithError(err).Warn("failed to release the capture's change tracking")
 			}
 		}()
 	}
-	defer func() {
-		if err := cp.Close(); err != nil {
-			log.G(ctx).WithError(err).Warn("failed to release the capture's change tracking")
-		}
-	}()
 
 	// Pre-copy while the container runs, until a round has little left
 	// to do.
@@ -489,6 +488,7 @@ func (o *Snapshotter) seeded(ctx context.Context, snapshotID, dst string, opts c
 		o.dropSeed(snapshotID)
 		return nil, nil
 	}
+	start := time.Now()
 	copier, err := prev.copier.Seed(o.layout.CaptureUpper(prev.commitID), dst, opts)
 	if errors.Is(err, capture.ErrTrackingUnavailable) {
 		return nil, err
@@ -497,21 +497,52 @@ func (o *Snapshotter) seeded(ctx context.Context, snapshotID, dst string, opts c
 		log.G(ctx).WithError(err).Info("capturing from scratch: cannot start from the previous capture")
 		return nil, nil
 	}
-	log.G(ctx).WithFields(log.Fields{"from": prev.commitID, "linked": copier.Seeded()}).Debug("capture seeded from the previous one")
+	log.G(ctx).WithFields(log.Fields{"from": prev.commitID, "linked": copier.Seeded(), "watching": copier.Watching(), "took": time.Since(start)}).Debug("capture seeded from the previous one")
 	return copier, nil
 }
 
-// keepSeed remembers the copier of a snapshot's latest capture.
-func (o *Snapshotter) keepSeed(snapshotID, commitID string, copier *capture.Copier) {
+// keepSeed remembers the copier of a snapshot's latest capture, with its
+// inotify watches, so that the next capture visits only what changed
+// since. The watches kept between commits, by all snapshots, stay within
+// o.seedWatches (a quarter of the host's max_user_watches); past it the
+// copier lets go of them and the next capture examines every entry.
+func (o *Snapshotter) keepSeed(ctx context.Context, snapshotID, commitID string, copier *capture.Copier) {
 	o.capturingMu.Lock()
 	defer o.capturingMu.Unlock()
+	if prev, ok := o.seeds[snapshotID]; ok {
+		prev.copier.Close() // unless copier took its watches over
+	}
+	watching := copier.Watching()
+	for id, s := range o.seeds {
+		if id != snapshotID {
+			watching += s.copier.Watching()
+		}
+	}
+	if watching > o.seedWatches {
+		log.G(ctx).WithFields(log.Fields{"watches": watching, "limit": o.seedWatches}).Info("too many directories watched between commits: the next commit of this container examines every entry")
+		copier.Close()
+	}
 	o.seeds[snapshotID] = seed{commitID: commitID, copier: copier}
 }
 
+// dropSeed forgets a snapshot's latest capture and closes its watches.
 func (o *Snapshotter) dropSeed(snapshotID string) {
 	o.capturingMu.Lock()
 	defer o.capturingMu.Unlock()
-	delete(o.seeds, snapshotID)
+	if prev, ok := o.seeds[snapshotID]; ok {
+		prev.copier.Close()
+		delete(o.seeds, snapshotID)
+	}
+}
+
+// dropSeeds forgets every seed (Close).
+func (o *Snapshotter) dropSeeds() {
+	o.capturingMu.Lock()
+	defer o.capturingMu.Unlock()
+	for id, s := range o.seeds {
+		s.copier.Close()
+		delete(o.seeds, id)
+	}
 }
 
 // capturer is a capture strategy: the incremental copier (copy, reflink)
@@ -524,8 +555,6 @@ type capturer interface {
 	// durable reports whether the capture is on disk once Final returns;
 	// if not, it is flushed in the background (see syncCapture).
 	durable() bool
-	// Close releases what the capturer holds between rounds.
-	Close() error
 }
 
 // subvolumeSnapshot captures an active snapshot whose directory is a btrfs
@@ -563,8 +592,6 @@ func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats
 // durable: creating a snapshot commits a btrfs transaction before the
 // ioctl returns.
 func (subvolumeSnapshot) durable() bool { return true }
-
-func (subvolumeSnapshot) Close() error { return nil }
 
 // incrementalCopy is the copy and reflink strategies.
 type incrementalCopy struct{ *capture.Copier }

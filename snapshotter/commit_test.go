@@ -28,6 +28,7 @@ import (
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil/workload"
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/capture"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
 )
 
@@ -369,6 +370,82 @@ func TestCaptureWithoutProcesses(t *testing.T) {
 	}
 	if _, err := sn.GetCommit(ctx, rec.ID); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSeedKeepsWatches: between two commits of a container, its latest
+// capture keeps watching the layer, so that the next capture starts from
+// what changed since; the watches kept stay within the host-wide budget,
+// and go with the container.
+func TestSeedKeepsWatches(t *testing.T) {
+	ctx := context.Background()
+	sn, key, mnt := newCommitFixture(t)
+	write := func(name, data string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(filepath.Join(mnt, name)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(mnt, name), []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	latest := func() *capture.Copier {
+		t.Helper()
+		sn.capturingMu.Lock()
+		defer sn.capturingMu.Unlock()
+		if len(sn.seeds) != 1 {
+			t.Fatalf("%d seeds, want the container's", len(sn.seeds))
+		}
+		for _, s := range sn.seeds {
+			return s.copier
+		}
+		return nil
+	}
+	commit := func(name, want string) *capture.Copier {
+		t.Helper()
+		rec, err := sn.Capture(ctx, CommitRequest{Key: key, Target: "app"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if data, err := os.ReadFile(filepath.Join(sn.layout.CaptureUpper(rec.ID), name)); err != nil || string(data) != want {
+			t.Fatalf("capture holds %s = %q, %v; want %q", name, data, err, want)
+		}
+		return latest()
+	}
+
+	write("a/one", "1")
+	write("b/two", "2")
+	first := commit("a/one", "1")
+	if first.Watching() == 0 {
+		t.Fatal("the latest capture watches nothing between commits")
+	}
+	write("a/one", "changed")
+	second := commit("a/one", "changed")
+	if second == first || second.Watching() == 0 || first.Watching() != 0 {
+		t.Fatalf("watches after the second commit: %d (latest), %d (previous); want all with the latest", second.Watching(), first.Watching())
+	}
+
+	// Over the budget: no watch is kept, and the next capture still
+	// holds every change (it examines every entry).
+	sn.seedWatches = 1
+	write("b/two", "changed")
+	if c := commit("b/two", "changed"); c.Watching() != 0 {
+		t.Fatalf("%d watches kept over a budget of 1", c.Watching())
+	}
+	write("a/one", "again")
+	commit("a/one", "again")
+
+	sn.seedWatches = capture.WatchLimit()
+	write("b/two", "again")
+	kept := commit("b/two", "again")
+	if kept.Watching() == 0 {
+		t.Fatal("no watch kept within the budget")
+	}
+	if err := sn.Remove(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	if n := kept.Watching(); n != 0 {
+		t.Fatalf("%d watches kept after the container's snapshot was removed", n)
 	}
 }
 

@@ -65,7 +65,10 @@ type Snapshotter struct {
 	// of copying the whole layer again. Memory only: after a restart, a
 	// snapshot's next capture is a full copy.
 	seeds map[string]seed
-	gate  freezeGate
+	// seedWatches bounds the inotify watches the seeds keep between
+	// commits, all snapshots together (see keepSeed).
+	seedWatches int
+	gate        freezeGate
 	// cleanups keeps btrfs freezes and the clean-up of released btrfs
 	// captures apart (see cleanupGate).
 	cleanups *cleanupGate
@@ -151,6 +154,7 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 		capturing:        map[string]string{},
 		seeds:            map[string]seed{},
 		cleanups:         newCleanupGate(),
+		seedWatches:      capture.WatchLimit(),
 		backgroundCtx:    bgCtx,
 		cancelBackground: cancel,
 	}
@@ -432,6 +436,7 @@ func (o *Snapshotter) Cleanup(ctx context.Context) error {
 func (o *Snapshotter) Close() error {
 	o.cancelBackground()
 	o.background.Wait()
+	o.dropSeeds()
 	if o.hold != nil {
 		if err := o.hold.Release(context.Background()); err != nil {
 			log.L.WithError(err).Warn("failed to release the freezer hold cgroup")

@@ -250,6 +250,17 @@ func (c *Copier) Close() error {
 	return err
 }
 
+// Watching is the number of source directories the Copier watches with
+// inotify (Options.TrackChanges), until Close.
+func (c *Copier) Watching() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.tracker == nil {
+		return 0
+	}
+	return c.tracker.watching()
+}
+
 // within reports whether p is dir or lies below it.
 func within(p, dir string) bool {
 	rel, err := filepath.Rel(dir, p)

@@ -18,15 +18,18 @@ var ErrCannotSeed = errors.New("capture: cannot seed a copy from this one")
 // at prevDir (c's destination, moved there after c's last round), instead
 // of from nothing: directories are made anew with prevDir's metadata and
 // every other entry is a hard link to prevDir's. The new Copier knows what
-// c knew, so its first round copies only what changed since c's last one;
-// it examines every entry (opts.TrackChanges watches from that round on).
-// An entry it must change is replaced, never written in place, so prevDir
-// is never modified, and entries that cannot be linked (gone from prevDir,
-// or too many links) are simply copied by the first round.
+// c knew, so its first round copies only what changed since c's last one.
+// With opts.TrackChanges, if c tracks changes (it was not closed), the new
+// Copier takes c's inotify watches over, and its first round visits only
+// what they reported since c's last round; otherwise that round examines
+// every entry. An entry it must change is replaced, never written in
+// place, so prevDir is never modified, and entries that cannot be linked
+// (gone from prevDir, or too many links) are simply copied by the first
+// round.
 //
 // Seed fails with ErrCannotSeed if c's last round failed, or if c's
 // source holds hard-linked files (overlay's whiteouts aside). c itself is
-// left as it is; it must not run a round meanwhile.
+// left as it is, but for its watches; it must not run a round meanwhile.
 func (c *Copier) Seed(prevDir, dst string, opts Options) (*Copier, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -36,12 +39,22 @@ func (c *Copier) Seed(prevDir, dst string, opts Options) (*Copier, error) {
 	case c.linked:
 		return nil, fmt.Errorf("%w: the source holds hard-linked files", ErrCannotSeed)
 	}
-	n, err := NewCopier(c.src, dst, opts)
+	// c's tracker has watched the source since c's last round: it knows
+	// what changed since, so n takes it over, and n's first round visits
+	// only that instead of every entry.
+	adopt := opts.TrackChanges && c.tracker != nil
+	nopts := opts
+	nopts.TrackChanges = opts.TrackChanges && !adopt
+	n, err := NewCopier(c.src, dst, nopts)
 	if err != nil {
 		return nil, err
 	}
 	n.rounds = append([]int64(nil), c.rounds...)
-	n.root = cloneEntry(c.root, nil)
+	var nodes map[*dirNode]*dirNode
+	if adopt {
+		nodes = make(map[*dirNode]*dirNode)
+	}
+	n.root = cloneEntry(c.root, nil, nodes)
 	s := &seeder{r: &round{c: n}}
 	if err := s.seed(prevDir, n.dst, &n.root); err != nil {
 		n.Close()
@@ -49,6 +62,14 @@ func (c *Copier) Seed(prevDir, dst string, opts Options) (*Copier, error) {
 		return nil, fmt.Errorf("capture: seed %s from %s: %w", dst, prevDir, err)
 	}
 	n.seeded = s.linked
+	if adopt {
+		n.tracker, c.tracker = c.tracker, nil
+		n.tracker.rebind(nodes)
+		// Entries that could not be linked are missing from n's tree and
+		// from its destination: only a walk of everything finds them.
+		n.walkAll = s.dropped > 0
+		c.walkAll = true
+	}
 	return n, nil
 }
 
@@ -60,21 +81,27 @@ func (c *Copier) Seeded() int64 {
 }
 
 // cloneEntry copies e and its subtree, for a new Copier.
-func cloneEntry(e entry, parent *dirNode) entry {
+func cloneEntry(e entry, parent *dirNode, nodes map[*dirNode]*dirNode) entry {
 	if e.dir == nil {
 		return e
 	}
 	node := &dirNode{parent: parent, name: e.name, entries: make([]entry, len(e.dir.entries))}
+	if nodes != nil {
+		// The clone takes the original's place, watch included.
+		nodes[e.dir] = node
+		node.wd = e.dir.wd
+	}
 	for i := range e.dir.entries {
-		node.entries[i] = cloneEntry(e.dir.entries[i], node)
+		node.entries[i] = cloneEntry(e.dir.entries[i], node, nodes)
 	}
 	e.dir = node
 	return e
 }
 
 type seeder struct {
-	r      *round
-	linked int64
+	r       *round
+	linked  int64
+	dropped int64 // entries that could not be linked
 }
 
 // seed fills the destination directory dst from prev, the directory of
@@ -110,6 +137,7 @@ func (s *seeder) dir(node *dirNode, pfd, dfd int) error {
 				s.linked++
 				keep = append(keep, e)
 			case unix.ENOENT, unix.EMLINK:
+				s.dropped++
 			default:
 				return fmt.Errorf("link %s: %w", relPath(node, e.name), err)
 			}
@@ -121,6 +149,7 @@ func (s *seeder) dir(node *dirNode, pfd, dfd int) error {
 		cpfd, err := unix.Openat(pfd, e.name, dirFlags, 0)
 		if err == unix.ENOENT { // the previous copy is being removed
 			unix.Unlinkat(dfd, e.name, unix.AT_REMOVEDIR)
+			s.dropped++
 			continue
 		}
 		if err != nil {

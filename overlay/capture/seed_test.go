@@ -73,17 +73,25 @@ func testSeed(t *testing.T, track bool) {
 	must(t, err)
 	must(t, f.Close())
 
+	watching := a.Watching()
 	b, err := a.Seed(prev, next, Options{TrackChanges: track})
 	must(t, err)
 	t.Cleanup(func() { b.Close() })
 	if n := b.Seeded(); n < 100 {
 		t.Errorf("Seeded() = %d, want every file of the previous copy linked", n)
 	}
+	// The new copy takes the watches over: they saw the changes above.
+	if track && (watching == 0 || b.Watching() != watching || a.Watching() != 0) {
+		t.Errorf("watches: %d before Seed, then %d (new copy), %d (previous); want all moved to the new copy", watching, b.Watching(), a.Watching())
+	}
 	pre, err := b.PreCopy(context.Background())
 	must(t, err)
 	t.Logf("PreCopy: %+v", pre)
 	if pre.CopiedFiles != 26 { // 20 under the renamed directory, 6 changed or new
 		t.Errorf("the first round after seeding copied %d files, want the 26 new or changed", pre.CopiedFiles)
+	}
+	if track && (!pre.Tracked || pre.Entries > 60) {
+		t.Errorf("the first round after seeding examined %d entries (tracked %v), want only what changed since the previous copy", pre.Entries, pre.Tracked)
 	}
 	// Changes between the rounds, one through a shared mapping.
 	writeFile(t, p("d00/f00"), []byte("changed between the rounds"), 0o644)
@@ -111,6 +119,34 @@ func testSeed(t *testing.T, track bool) {
 	must(t, unix.Lstat(filepath.Join(next, "rewrite"), &ns))
 	if ps.Ino == ns.Ino {
 		t.Error("a changed file still shares its inode with the previous copy")
+	}
+}
+
+// TestSeedMissingEntries: entries missing from the previous copy (being
+// released) are copied again by the first round, which then examines
+// every entry even though the watches say nothing changed.
+func TestSeedMissingEntries(t *testing.T) {
+	testutil.RequireRoot(t)
+	for _, track := range []bool{false, true} {
+		t.Run(map[bool]string{false: "untracked", true: "tracked"}[track], func(t *testing.T) {
+			base := t.TempDir()
+			src, prev, next := filepath.Join(base, "src"), filepath.Join(base, "a"), filepath.Join(base, "b")
+			trackedTree(t, src, 3, 5)
+			a := newCopier(t, src, prev, Options{TrackChanges: track})
+			_, err := a.Final(context.Background(), nil)
+			must(t, err)
+			must(t, os.RemoveAll(filepath.Join(prev, "d01")))
+			must(t, os.Remove(filepath.Join(prev, "d02", "f03")))
+			b, err := a.Seed(prev, next, Options{TrackChanges: track})
+			must(t, err)
+			t.Cleanup(func() { b.Close() })
+			stats, err := b.Final(context.Background(), nil)
+			must(t, err)
+			if stats.Tracked {
+				t.Error("the first round after a seed that missed entries visited only changes")
+			}
+			compareTrees(t, src, next)
+		})
 	}
 }
 

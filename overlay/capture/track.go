@@ -41,6 +41,7 @@ type tracker struct {
 
 	mu        sync.Mutex
 	pending   map[int32]*wdChanges // by watch descriptor, since the last take
+	names     int                  // names in pending
 	lost      bool                 // an event may be missing from pending
 	unwatched bool                 // a directory could not be watched
 	buf       []byte
@@ -90,7 +91,7 @@ func newTracker() (*tracker, error) {
 		pending: make(map[int32]*wdChanges),
 		buf:     make([]byte, 64<<10),
 		watches: make(map[int32]*dirNode),
-		limit:   watchLimit(),
+		limit:   WatchLimit(),
 	}
 	go t.read()
 	return t, nil
@@ -166,10 +167,23 @@ func (t *tracker) parse(b []byte) {
 			if ch.names == nil {
 				ch.names = make(map[string]struct{})
 			}
-			ch.names[string(name)] = struct{}{}
+			if _, ok := ch.names[string(name)]; !ok {
+				ch.names[string(name)] = struct{}{}
+				t.names++
+			}
+		}
+		if t.names > maxPendingNames {
+			// Visiting this many names costs as much as a walk of
+			// everything: forget them and walk.
+			t.pending, t.names, t.lost = make(map[int32]*wdChanges), 0, true
 		}
 	}
 }
+
+// maxPendingNames bounds the memory a tracker's pending changes take
+// (about 100 bytes a name) while a container churns through files
+// between two commits.
+const maxPendingNames = 256 << 10
 
 // watch starts watching the source directory open as fd, which node
 // describes. A directory already watched (moved, or listed again) keeps its
@@ -195,15 +209,37 @@ func (t *tracker) watch(fd int, node *dirNode) error {
 	return nil
 }
 
+// rebind points the watches at the nodes that replace the ones they were
+// added for (Copier.Seed); a watch whose node has no replacement is
+// dropped.
+func (t *tracker) rebind(nodes map[*dirNode]*dirNode) {
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	for wd, node := range t.watches {
+		if n := nodes[node]; n != nil {
+			t.watches[wd] = n
+		} else {
+			delete(t.watches, wd)
+		}
+	}
+}
+
 func (t *tracker) setUnwatched() {
 	t.mu.Lock()
 	t.unwatched = true
 	t.mu.Unlock()
 }
 
-// watchLimit is a quarter of fs.inotify.max_user_watches: a few commits at
+// watching is the number of directories watched.
+func (t *tracker) watching() int {
+	t.wmu.Lock()
+	defer t.wmu.Unlock()
+	return len(t.watches)
+}
+
+// WatchLimit is a quarter of fs.inotify.max_user_watches: a few commits at
 // once leave the rest of the host its share.
-func watchLimit() int {
+func WatchLimit() int {
 	const fallback = 8192 // the kernel's smallest default
 	data, err := os.ReadFile("/proc/sys/fs/inotify/max_user_watches")
 	if err != nil {
@@ -234,7 +270,7 @@ func (t *tracker) take() (changes, bool) {
 func (t *tracker) takePending() (changes, bool) {
 	t.mu.Lock()
 	pending, complete := t.pending, !t.lost && !t.unwatched
-	t.pending, t.lost, t.unwatched = make(map[int32]*wdChanges), false, false
+	t.pending, t.names, t.lost, t.unwatched = make(map[int32]*wdChanges), 0, false, false
 	t.mu.Unlock()
 	t.wmu.Lock()
 	defer t.wmu.Unlock()

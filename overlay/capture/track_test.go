@@ -174,6 +174,13 @@ func TestTrackerTake(t *testing.T) {
 		{"an unknown watch is ignored", [][]byte{inotifyEvent(99, unix.IN_MODIFY, "x")}, map[*dirNode][]string{}, true},
 		{"overflow: incomplete", [][]byte{inotifyEvent(-1, unix.IN_Q_OVERFLOW, ""), inotifyEvent(1, unix.IN_MODIFY, "x")},
 			map[*dirNode][]string{root: {"x"}}, false},
+		{"too many names: forgotten, incomplete", func() [][]byte {
+			evs := make([][]byte, 0, maxPendingNames+2)
+			for i := range maxPendingNames + 1 {
+				evs = append(evs, inotifyEvent(2, unix.IN_CREATE, fmt.Sprintf("tmp%07d", i)))
+			}
+			return append(evs, inotifyEvent(1, unix.IN_MODIFY, "x"))
+		}(), map[*dirNode][]string{root: {"x"}}, false},
 		{"a removed directory loses its watch", [][]byte{
 			inotifyEvent(4, unix.IN_DELETE_SELF, ""), inotifyEvent(4, unix.IN_IGNORED, ""), inotifyEvent(1, unix.IN_DELETE, "gone"),
 		}, map[*dirNode][]string{root: {"gone"}}, true},
