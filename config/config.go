@@ -81,6 +81,14 @@ type Commit struct {
 	// leaves them at the daemon's priority. The frozen round always runs
 	// at the daemon's.
 	PreCopyNice int `toml:"precopy_nice"`
+	// BackgroundCgroup names the cgroup v1 cpu cgroup, made at the top of
+	// the cpu hierarchy with the least CPU share, that the same threads
+	// join: the kernel shares CPU between cgroups before it looks at nice
+	// values, so nice alone leaves the pre-copy half a CPU beside a
+	// container in a cgroup of its own. "" leaves the threads in the
+	// daemon's cgroup. cgroup v2 places whole processes only: there it
+	// has no effect.
+	BackgroundCgroup string `toml:"background_cgroup"`
 }
 
 // Layer compressions.
@@ -197,6 +205,7 @@ func DefaultCommit() Commit {
 		PreCopyConverged: 100,
 		TrackChanges:     true,
 		PreCopyNice:      19,
+		BackgroundCgroup: "seamless-background",
 	}
 }
 
@@ -361,6 +370,9 @@ func (c Commit) Validate() error {
 	}
 	if c.PreCopyNice < 0 || c.PreCopyNice > 19 {
 		return fmt.Errorf("commit.precopy_nice: %d must be between 0 and 19", c.PreCopyNice)
+	}
+	if n := c.BackgroundCgroup; strings.ContainsRune(n, '/') || n == "." || n == ".." {
+		return fmt.Errorf("commit.background_cgroup: %q must be a single cgroup name", n)
 	}
 	if c.PreCopyConverged < 0 {
 		return fmt.Errorf("commit.precopy_converged: %d must not be negative", c.PreCopyConverged)

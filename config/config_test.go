@@ -62,7 +62,7 @@ mount_options = ["volatile"]
 		{name: "reserved mount option", toml: "[snapshotter]\nmount_options = [\"upperdir=/x\"]", wantErr: "snapshotter.mount_options:"},
 		{name: "syntax error", toml: `root = `, wantErr: "line 1"},
 		{name: "commit section", toml: "[commit]\nstrategy = \"copy\"\npause_budget = \"50ms\"\nprecopy_rounds = 2\nprecopy_converged = 10", check: func(t *testing.T, c Config) {
-			if c.Commit != (Commit{Strategy: "copy", PauseBudget: Duration(50 * time.Millisecond), PreCopyRounds: 2, PreCopyConverged: 10, TrackChanges: true, PreCopyNice: 19}) {
+			if c.Commit != (Commit{Strategy: "copy", PauseBudget: Duration(50 * time.Millisecond), PreCopyRounds: 2, PreCopyConverged: 10, TrackChanges: true, PreCopyNice: 19, BackgroundCgroup: "seamless-background"}) {
 				t.Errorf("got %+v", c.Commit)
 			}
 		}},
@@ -76,6 +76,7 @@ mount_options = ["volatile"]
 		{name: "zero pause budget", toml: "[commit]\npause_budget = \"0s\"", wantErr: "commit.pause_budget:"},
 		{name: "bad rounds", toml: "[commit]\nprecopy_rounds = 0", wantErr: "commit.precopy_rounds:"},
 		{name: "bad nice", toml: "[commit]\nprecopy_nice = 20", wantErr: "commit.precopy_nice:"},
+		{name: "bad background cgroup", toml: "[commit]\nbackground_cgroup = \"a/b\"", wantErr: "commit.background_cgroup:"},
 		{name: "fast gzip", toml: "[convert]\ncompression_level = 1", check: func(t *testing.T, c Config) {
 			if c.Convert.Compression != CompressionGzip || c.Convert.CompressionLevel != 1 {
 				t.Errorf("got %+v", c.Convert)

@@ -350,9 +350,10 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 			return rec, fmt.Errorf("prepare capture: %w", err)
 		}
 		opts := capture.Options{
-			Reflink:      rec.Strategy == config.StrategyReflink,
-			TrackChanges: o.commitCfg.TrackChanges,
-			PreCopyNice:  o.commitCfg.PreCopyNice,
+			Reflink:       rec.Strategy == config.StrategyReflink,
+			TrackChanges:  o.commitCfg.TrackChanges,
+			PreCopyNice:   o.bgClass.Nice,
+			PreCopyCgroup: o.bgClass.Cgroup,
 		}
 		copier, err := o.seeded(ctx, snapshotID, filepath.Join(tmp, "fs"), opts)
 		if copier == nil {

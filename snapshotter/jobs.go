@@ -63,7 +63,11 @@ func (o *Snapshotter) RemoveCapture(ctx context.Context, commitID string) error 
 	if overlay.IsSubvolume(dir) {
 		remove = func(dir string) error { return o.removeSubvolume(ctx, dir) }
 	}
-	if err := remove(dir); err != nil {
+	// Deleting a tree as large as the container's layer takes seconds
+	// of CPU, while the containers run: on a background thread.
+	var err error
+	o.bgClass.Run(func() { err = remove(dir) })
+	if err != nil {
 		return fmt.Errorf("remove capture of commit %s: %w", commitID, err)
 	}
 	log.G(ctx).WithField("commit", commitID).Debug("capture removed")

@@ -24,6 +24,7 @@ import (
 	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay"
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/capture"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter/freeze"
@@ -69,6 +70,10 @@ type Snapshotter struct {
 	// commits, all snapshots together (see keepSeed).
 	seedWatches int
 	gate        freezeGate
+	// bgClass is how the work done while containers run (pre-copy,
+	// seeding, releasing captures) runs: niced, and in a background
+	// cgroup where there can be one.
+	bgClass sched.Class
 	// cleanups keeps btrfs freezes and the clean-up of released btrfs
 	// captures apart (see cleanupGate).
 	cleanups *cleanupGate
@@ -169,6 +174,16 @@ func New(ctx context.Context, root string, opts ...Option) (*Snapshotter, error)
 	// still work, with longer pauses.
 	if o.hold, err = freeze.HoldActive(ctx, holdName(root)); err != nil {
 		log.G(ctx).WithError(err).Warn("cannot keep the cgroup v1 freezer active; pauses will be several milliseconds longer")
+	}
+	o.bgClass = sched.Class{Nice: o.commitCfg.PreCopyNice}
+	if name := o.commitCfg.BackgroundCgroup; name != "" {
+		o.bgClass.Cgroup, err = sched.BackgroundCgroup(name)
+		switch {
+		case errdefs.IsNotImplemented(err):
+			log.G(ctx).Debug("cgroup v2: work done while containers run is only niced; the daemon's cgroup weight decides its CPU share")
+		case err != nil:
+			log.G(ctx).WithError(err).Warn("cannot make the background cgroup: work done while containers run takes CPU from them")
+		}
 	}
 	return o, nil
 }

@@ -2,19 +2,130 @@
 
 // Package sched runs background work at a lower CPU priority than the
 // containers it must not disturb.
+//
+// A nice value alone does not do that: the kernel shares CPU time between
+// cgroups (and autogroups) first and orders threads by nice only within
+// one, so a daemon thread at nice 19 still takes half a CPU from a
+// container in a cgroup of its own. On cgroup v1, where the cpu
+// controller places single threads, background threads also join a cpu
+// cgroup at the top of the hierarchy with the least share there is
+// (BackgroundCgroup). cgroup v2 places whole processes only: there, nice
+// is all this package does, and the daemon's own cgroup weight decides.
 package sched
 
 import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
+	"slices"
+	"strconv"
+	"strings"
 
+	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
-// LowerPriority gives the calling goroutine an OS thread of its own for
-// the rest of its life and sets that thread's nice value (0-19). The
-// thread is never unlocked, so it ends with the goroutine instead of
-// going back to the runtime's pool to serve others at that priority.
-func LowerPriority(nice int) error {
+// Class is how a background thread runs.
+type Class struct {
+	// Nice is the thread's nice value, 0 (unchanged) to 19.
+	Nice int
+	// Cgroup is a cgroup v1 cpu cgroup directory the thread joins
+	// (BackgroundCgroup); "" for none.
+	Cgroup string
+}
+
+// Enter gives the calling goroutine an OS thread of its own for the rest
+// of its life and runs that thread in class c. The thread is never
+// unlocked, so it ends with the goroutine instead of going back to the
+// runtime's pool to serve others at that priority. Whatever fails, the
+// thread still runs, at the priority it could get.
+func (c Class) Enter() error {
 	runtime.LockOSThread()
-	return unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), nice)
+	if unix.Gettid() == unix.Getpid() {
+		// The runtime never ends the main thread: it would stay in the
+		// class, unused, forever. Leave it as it is.
+		return errMainThread
+	}
+	var errs []error
+	if c.Nice > 0 {
+		if err := unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), c.Nice); err != nil {
+			errs = append(errs, fmt.Errorf("set nice %d: %w", c.Nice, err))
+		}
+	}
+	if c.Cgroup != "" {
+		// In v1, a thread id written to "tasks" moves that thread alone.
+		if err := os.WriteFile(filepath.Join(c.Cgroup, "tasks"), []byte(strconv.Itoa(unix.Gettid())), 0); err != nil {
+			errs = append(errs, fmt.Errorf("join cgroup %s: %w", c.Cgroup, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+var errMainThread = errors.New("sched: the main thread keeps its priority")
+
+// Run runs fn on a thread of its own in class c (best effort, see Enter)
+// and waits for it. The thread ends with fn.
+func (c Class) Run(fn func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if errors.Is(c.Enter(), errMainThread) {
+			// This goroutine holds the main thread (the runtime parks it
+			// for good when the goroutine ends), so fn gets another.
+			c.Run(fn)
+			return
+		}
+		fn()
+	}()
+	<-done
+}
+
+// LowerPriority is Class{Nice: nice}.Enter().
+func LowerPriority(nice int) error { return Class{Nice: nice}.Enter() }
+
+// BackgroundCgroup makes (or finds) the cgroup v1 cpu cgroup name at the
+// top of the cpu hierarchy, idle (cpu.idle, Linux 5.15) or else with the
+// smallest cpu.shares, and returns its directory. At the
+// top, it competes with every container's cgroup as a sibling of their
+// ancestors, and gets CPU time only when they leave some. It fails with
+// errdefs.ErrNotImplemented where no v1 cpu hierarchy is mounted (cgroup
+// v2).
+func BackgroundCgroup(name string) (string, error) {
+	if name == "" || strings.ContainsRune(name, '/') || name == "." || name == ".." {
+		return "", fmt.Errorf("background cgroup name %q: %w", name, errdefs.ErrInvalidArgument)
+	}
+	mounts, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		return m.FSType != "cgroup" || !slices.Contains(strings.Split(m.VFSOptions, ","), "cpu"), false
+	})
+	if err != nil {
+		return "", fmt.Errorf("read mountinfo: %w", err)
+	}
+	if len(mounts) == 0 {
+		return "", fmt.Errorf("no cgroup v1 cpu hierarchy is mounted: %w", errdefs.ErrNotImplemented)
+	}
+	top := mounts[0]
+	for _, m := range mounts {
+		if m.Root == "/" {
+			top = m
+			break
+		}
+	}
+	dir := filepath.Join(top.Mountpoint, name)
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
+	}
+	// Idle (SCHED_IDLE for the whole group, the least weight): containers
+	// waking up preempt it at once. Older kernels have no such file; the
+	// least cpu.shares is next best (an idle group refuses them).
+	err = os.WriteFile(filepath.Join(dir, "cpu.idle"), []byte("1"), 0)
+	if errors.Is(err, os.ErrNotExist) {
+		err = os.WriteFile(filepath.Join(dir, "cpu.shares"), []byte("2"), 0)
+	}
+	if err != nil {
+		return "", fmt.Errorf("lower the cpu share of %s: %w", dir, err)
+	}
+	return dir, nil
 }

@@ -82,11 +82,15 @@ type Options struct {
 	// watches.
 	TrackChanges bool
 	// PreCopyNice lowers the CPU priority of the threads that run
-	// PreCopy rounds to this nice value (1-19; 0 leaves it), so that the
-	// container, whose own threads compete for the same CPUs while it
-	// runs, is served first. Final runs at the caller's priority: the
-	// container is frozen then, and waits for it.
+	// PreCopy rounds (and Seed's links) to this nice value (1-19; 0
+	// leaves it), so that the container, whose own threads compete for
+	// the same CPUs while it runs, is served first. Final runs at the
+	// caller's priority: the container is frozen then, and waits for it.
 	PreCopyNice int
+	// PreCopyCgroup is a cgroup v1 cpu cgroup those threads also join
+	// (sched.BackgroundCgroup): nice orders threads within a cgroup only,
+	// and the container is in another. "" for none.
+	PreCopyCgroup string
 }
 
 // Stats describe one round.
@@ -157,7 +161,7 @@ type Copier struct {
 	workers  int
 	noRange  atomic.Bool // copy_file_range does not work from src to dst: use read/write
 	tracker  *tracker    // nil without Options.TrackChanges
-	nice     int         // Options.PreCopyNice
+	bg       background  // how PreCopy rounds run (Options.PreCopyNice, PreCopyCgroup)
 	// walkAll: the next round must visit every entry (the first round,
 	// after an error, while the source holds hard links).
 	walkAll bool
@@ -223,7 +227,7 @@ func NewCopier(src, dst string, opts Options) (*Copier, error) {
 			return nil, err
 		}
 	}
-	c := &Copier{src: src, dst: dst, reflink: opts.Reflink, margin: int64(margin), workers: workers, walkAll: true, nice: opts.PreCopyNice}
+	c := &Copier{src: src, dst: dst, reflink: opts.Reflink, margin: int64(margin), workers: workers, walkAll: true, bg: background{Nice: opts.PreCopyNice, Cgroup: opts.PreCopyCgroup}}
 	c.root = entry{ctime: invalidTime, dir: &dirNode{}}
 	if opts.TrackChanges {
 		if c.tracker, err = newTracker(); err != nil {
@@ -259,6 +263,21 @@ func (c *Copier) Watching() int {
 		return 0
 	}
 	return c.tracker.watching()
+}
+
+// background is how the work done while the container runs (pre-copy
+// rounds, seeding) runs: the zero value, at the caller's priority.
+type background sched.Class
+
+// run runs fn in the class, on a thread of its own that ends with it, so
+// that the caller's thread keeps its priority; best effort: at worst fn
+// runs at the usual priority.
+func (b background) run(fn func()) {
+	if b == (background{}) {
+		fn()
+		return
+	}
+	sched.Class(b).Run(fn)
 }
 
 // within reports whether p is dir or lies below it.
@@ -435,23 +454,11 @@ func (c *Copier) walk(ctx context.Context, final bool, idx uint16, force *forceN
 		tracked: tracked,
 		plan:    plan,
 	}
-	if !final && c.nice > 0 {
-		sh.nice = c.nice
+	if !final {
+		sh.bg = c.bg
 	}
 	var err error
-	if sh.nice > 0 {
-		// On a thread of its own, which ends with it: the caller's
-		// thread keeps its priority.
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			_ = sched.LowerPriority(sh.nice) // best effort: at worst, the usual priority
-			err = r.walkRoot(force)
-		}()
-		<-done
-	} else {
-		err = r.walkRoot(force)
-	}
+	sh.bg.run(func() { err = r.walkRoot(force) })
 	if sh.err != nil {
 		err = sh.err // the first error, rather than a worker's "halted"
 	}

@@ -193,8 +193,13 @@ func testFinalDetectsChanges(t *testing.T, track bool) {
 			os.WriteFile(f, []byte("y"), 0o644)
 		}
 	}()
+	// The writer may not get a CPU while a short round runs (a loaded
+	// machine): each round also changes a file itself, after the round
+	// has started, as a writer that was not frozen would.
+	c.raceHook = func(int, string) { os.WriteFile(filepath.Join(src, "during"), []byte("z"), 0o644) }
 	var sawIt bool
 	for i := 0; i < 50 && !sawIt; i++ {
+		writeFile(t, filepath.Join(src, "f0000"), []byte("before"), 0o644) // something for the round to visit
 		_, err = c.Final(context.Background(), nil)
 		sawIt = errors.Is(err, ErrSourceChanged)
 		if err != nil && !sawIt {
@@ -203,6 +208,7 @@ func testFinalDetectsChanges(t *testing.T, track bool) {
 	}
 	stop()
 	<-done
+	c.raceHook = nil
 	if !sawIt {
 		t.Fatal("Final never noticed the source changing under it")
 	}

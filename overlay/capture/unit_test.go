@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +17,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/containerd/errdefs"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
 	"golang.org/x/sys/unix"
 )
@@ -314,6 +317,19 @@ func threadNice(t testing.TB) int {
 
 // TestPreCopyNice: pre-copy rounds run on threads at the nice value asked
 // for, Final at the caller's, and the caller's thread keeps its own.
+// threadCPUCgroup is the calling thread's cgroup in the v1 cpu hierarchy
+// ("" on cgroup v2).
+func threadCPUCgroup(t *testing.T) string {
+	data, err := os.ReadFile("/proc/thread-self/cgroup")
+	must(t, err)
+	for _, line := range strings.Split(string(data), "\n") {
+		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), "cpu") {
+			return parts[2]
+		}
+	}
+	return ""
+}
+
 func TestPreCopyNice(t *testing.T) {
 	testutil.RequireRoot(t)
 	base := t.TempDir()
@@ -322,30 +338,47 @@ func TestPreCopyNice(t *testing.T) {
 		must(t, os.MkdirAll(filepath.Join(src, fmt.Sprintf("d%d", d)), 0o755))
 		writeFile(t, filepath.Join(src, fmt.Sprintf("d%d", d), "f"), []byte("x"), 0o644)
 	}
-	c := newCopier(t, src, dst, Options{PreCopyNice: 13, Workers: 4})
+	// On cgroup v1 the pre-copy threads also join a background cgroup.
+	cgroup, err := sched.BackgroundCgroup("seamless-capture-test")
+	if err != nil && !errdefs.IsNotImplemented(err) {
+		t.Fatal(err)
+	}
+	if cgroup != "" {
+		t.Cleanup(func() { os.Remove(cgroup) })
+	}
+	c := newCopier(t, src, dst, Options{PreCopyNice: 13, PreCopyCgroup: cgroup, Workers: 4})
 	var mu sync.Mutex
 	seen := map[int]int{}
+	cgroups := map[string]int{}
 	c.raceHook = func(int, string) {
-		n := threadNice(t)
+		n, cg := threadNice(t), threadCPUCgroup(t)
 		mu.Lock()
 		seen[n]++
+		cgroups[cg]++
 		mu.Unlock()
 	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	own := threadNice(t)
+	own, ownCgroup := threadNice(t), threadCPUCgroup(t)
 
-	_, err := c.PreCopy(context.Background())
+	_, err = c.PreCopy(context.Background())
 	must(t, err)
 	if len(seen) != 1 || seen[13] == 0 {
 		t.Errorf("PreCopy ran at nice values %v, want only 13", seen)
 	}
+	if want := "/seamless-capture-test"; cgroup != "" && (len(cgroups) != 1 || cgroups[want] == 0) {
+		t.Errorf("PreCopy ran in cpu cgroups %v, want only %s", cgroups, want)
+	}
 	clear(seen)
+	clear(cgroups)
 	writeFile(t, filepath.Join(src, "d3", "f"), []byte("changed"), 0o644)
 	_, err = c.Final(context.Background(), nil)
 	must(t, err)
 	if len(seen) != 1 || seen[own] == 0 {
 		t.Errorf("Final ran at nice values %v, want only the caller's, %d", seen, own)
+	}
+	if len(cgroups) != 1 || cgroups[ownCgroup] == 0 {
+		t.Errorf("Final ran in cpu cgroups %v, want only the caller's, %s", cgroups, ownCgroup)
 	}
 	if n := threadNice(t); n != own {
 		t.Errorf("the caller's thread is at nice %d after the rounds, was %d", n, own)

@@ -14,8 +14,6 @@ import (
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 )
 
 // round is one worker's state in a PreCopy or Final walk.
@@ -51,7 +49,7 @@ type shared struct {
 	// linked: an entry other than a directory or a whiteout has more
 	// than one link, so the next round must walk everything.
 	linked atomic.Bool
-	nice   int // workers lower their priority to this (Options.PreCopyNice)
+	bg     background // how workers run (Options.PreCopyNice, PreCopyCgroup)
 }
 
 type devIno struct{ dev, ino uint64 }
@@ -164,10 +162,7 @@ func (r *round) spawn(job func(w *round) (entry, bool, bool, error)) *pending {
 	w := r.fork()
 	go func() {
 		defer func() { <-r.sh.slots }()
-		if r.sh.nice > 0 {
-			_ = sched.LowerPriority(r.sh.nice) // best effort
-		}
-		p.e, p.keep, p.ch, p.err = job(w)
+		r.sh.bg.run(func() { p.e, p.keep, p.ch, p.err = job(w) })
 		p.stats = w.stats
 		close(p.done)
 	}()

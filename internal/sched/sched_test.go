@@ -1,0 +1,118 @@
+//go:build linux
+
+package sched
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/cgroups/v3"
+	"github.com/containerd/errdefs"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
+)
+
+// TestBackgroundClass: a thread that enters the background class runs at
+// its nice value in the background cgroup, and ends with its goroutine
+// (the cgroup is empty afterwards), so no pooled thread is left there.
+func TestBackgroundClass(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir, err := BackgroundCgroup("seamless-sched-test")
+	if cgroups.Mode() == cgroups.Unified {
+		if !errdefs.IsNotImplemented(err) {
+			t.Fatalf("BackgroundCgroup on cgroup v2 = %q, %v; want ErrNotImplemented", dir, err)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(dir) })
+	if shares, err := os.ReadFile(filepath.Join(dir, "cpu.shares")); err != nil || !slices.Contains([]string{"2", "3"}, strings.TrimSpace(string(shares))) {
+		t.Errorf("cpu.shares = %q, %v; want the least", shares, err)
+	}
+	type seen struct {
+		nice   int
+		cgroup string
+		err    error
+	}
+	done := make(chan seen)
+	enter := func() {
+		var s seen
+		s.err = Class{Nice: 19, Cgroup: dir}.Enter()
+		if errors.Is(s.err, errMainThread) {
+			done <- s
+			return
+		}
+		stat, _ := os.ReadFile("/proc/thread-self/stat")
+		// Field 19 is nice; the command name (field 2) has no spaces here.
+		if f := strings.Fields(string(stat)); len(f) > 18 {
+			s.nice, _ = strconv.Atoi(f[18])
+		}
+		cg, _ := os.ReadFile("/proc/thread-self/cgroup")
+		for _, line := range strings.Split(string(cg), "\n") {
+			if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && strings.Contains(","+parts[1]+",", ",cpu,") {
+				s.cgroup = parts[2]
+			}
+		}
+		done <- s
+	}
+	go enter()
+	s := <-done
+	for i := 0; errors.Is(s.err, errMainThread) && i < 10; i++ {
+		go enter() // landed on the main thread, which keeps its class
+		s = <-done
+	}
+	if s.err != nil || s.nice != 19 || s.cgroup != "/seamless-sched-test" {
+		t.Fatalf("background thread: nice %d, cpu cgroup %q, %v; want 19, /seamless-sched-test", s.nice, s.cgroup, s.err)
+	}
+	// The thread exits with its goroutine; the cgroup empties.
+	deadline := time.Now().Add(5 * time.Second)
+	for os.Remove(dir) != nil {
+		if time.Now().After(deadline) {
+			tasks, _ := os.ReadFile(filepath.Join(dir, "tasks"))
+			t.Fatalf("the background cgroup still holds threads %q after their goroutine ended", tasks)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestBackgroundCgroupName(t *testing.T) {
+	for _, name := range []string{"", "a/b", "..", "."} {
+		if _, err := BackgroundCgroup(name); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("BackgroundCgroup(%q) = %v, want InvalidArgument", name, err)
+		}
+	}
+}
+
+// BenchmarkEnter: the cost of running one piece of work on a thread of
+// its own in a class (thread creation, nice, cgroup migration).
+func BenchmarkEnter(b *testing.B) {
+	testutil.RequireRoot(b)
+	dir, err := BackgroundCgroup("seamless-sched-bench")
+	if err != nil {
+		b.Skipf("no background cgroup here: %v", err)
+	}
+	b.Cleanup(func() { os.Remove(dir) })
+	for _, c := range []struct {
+		name  string
+		class Class
+	}{{"nice", Class{Nice: 19}}, {"nice+cgroup", Class{Nice: 19, Cgroup: dir}}} {
+		b.Run(c.name, func(b *testing.B) {
+			for range b.N {
+				done := make(chan struct{})
+				go func() {
+					defer close(done)
+					_ = c.class.Enter()
+				}()
+				<-done
+			}
+		})
+	}
+}
