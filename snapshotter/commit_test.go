@@ -713,23 +713,32 @@ func TestRecoveryAfterReboot(t *testing.T) {
 	}
 }
 
+// openOnLoop opens a snapshotter on a new loop-mounted filesystem of the
+// given type and size, prepares the active snapshot key on it, and returns
+// the snapshotter (closed when the test ends) and the snapshot's upper
+// directory.
+func openOnLoop(t *testing.T, fstype string, size int64, key string) (*Snapshotter, string) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	ctx := context.Background()
+	sn, err := New(ctx, filepath.Join(testutil.LoopFS(t, fstype, size), "seamless"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sn.Close() })
+	mounts, err := sn.Prepare(ctx, key, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sn, mounts[0].Source
+}
+
 // TestCaptureDiskFull: a capture that runs out of space fails with a
 // clear error, leaves nothing behind, and the container's layer is
 // untouched.
 func TestCaptureDiskFull(t *testing.T) {
 	ctx := context.Background()
-	testutil.RequireRoot(t)
-	root := filepath.Join(testutil.LoopFS(t, "ext4", 64<<20), "seamless")
-	sn, err := New(ctx, root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sn.Close()
-	mounts, err := sn.Prepare(ctx, "default/1/full", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	upper := mounts[0].Source
+	sn, upper := openOnLoop(t, "ext4", 64<<20, "default/1/full")
 	// 40 MiB of data fits once on a 64 MiB filesystem, not twice.
 	data := make([]byte, 40<<20)
 	for i := range data {
@@ -762,19 +771,9 @@ func TestCaptureDiskFull(t *testing.T) {
 // clean-up is not written out under the freeze.
 func TestBtrfsRelease(t *testing.T) {
 	ctx := context.Background()
-	testutil.RequireRoot(t)
-	root := filepath.Join(testutil.LoopFS(t, "btrfs", 256<<20), "seamless")
-	sn, err := New(ctx, root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sn.Close()
-	mounts, err := sn.Prepare(ctx, "default/1/c", "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	sn, upper := openOnLoop(t, "btrfs", 256<<20, "default/1/c")
 	for i := range 5000 {
-		if err := os.WriteFile(filepath.Join(mounts[0].Source, fmt.Sprintf("f%05d", i)), []byte("data"), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(upper, fmt.Sprintf("f%05d", i)), []byte("data"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
