@@ -344,7 +344,13 @@ func TestPreCopyNice(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cgroup != "" {
-		t.Cleanup(func() { os.Remove(cgroup) })
+		t.Cleanup(func() {
+			// The round's threads end with their goroutines, a moment
+			// after the round.
+			for i := 0; os.Remove(cgroup) != nil && i < 100; i++ {
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
 	}
 	c := newCopier(t, src, dst, Options{PreCopyNice: 13, PreCopyCgroup: cgroup, Workers: 4})
 	var mu sync.Mutex
