@@ -40,18 +40,7 @@ func TestRemovedSubvolumeCleanedAtOnce(t *testing.T) {
 		}
 		return len(strings.Fields(string(out)))
 	}
-	sub := filepath.Join(mnt, "released")
-	if err := CreateSubvolume(sub); err != nil {
-		t.Fatal(err)
-	}
-	for i := range 5000 {
-		if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%05d", i)), []byte("x"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := SyncFS(mnt); err != nil {
-		t.Fatal(err)
-	}
+	sub := filledSubvolume(t, filepath.Join(mnt, "released"), 5000)
 	start := time.Now()
 	if err := RemoveTree(sub); err != nil {
 		t.Fatal(err)
@@ -67,6 +56,24 @@ func TestRemovedSubvolumeCleanedAtOnce(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Logf("cleaned up %v after the removal", time.Since(start))
+}
+
+// filledSubvolume creates dir as a subvolume holding n one-byte files,
+// committed to disk.
+func filledSubvolume(t *testing.T, dir string, n int) string {
+	t.Helper()
+	if err := CreateSubvolume(dir); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("f%05d", i)), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := SyncFS(dir); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
 
 // BTRFS_IOC_SUBVOL_SYNC_WAIT (Linux 6.13) in its BTRFS_SUBVOL_SYNC_COUNT
@@ -96,20 +103,8 @@ func deletedSubvolumes(fd int) (uint32, error) {
 func TestWaitSubvolumeGone(t *testing.T) {
 	testutil.RequireRoot(t)
 	mnt := testutil.LoopFS(t, "btrfs", 512<<20)
-	live, released := filepath.Join(mnt, "live"), filepath.Join(mnt, "released")
-	for _, dir := range []string{live, released} {
-		if err := CreateSubvolume(dir); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for i := range 5000 {
-		if err := os.WriteFile(filepath.Join(released, fmt.Sprintf("f%05d", i)), []byte("x"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := SyncFS(mnt); err != nil {
-		t.Fatal(err)
-	}
+	live := filledSubvolume(t, filepath.Join(mnt, "live"), 0)
+	released := filledSubvolume(t, filepath.Join(mnt, "released"), 5000)
 	liveID, err := SubvolumeID(live)
 	if err != nil {
 		t.Fatal(err)
