@@ -556,6 +556,9 @@ type capturer interface {
 	// durable reports whether the capture is on disk once Final returns;
 	// if not, it is flushed in the background (see syncCapture).
 	durable() bool
+	// copiesMappings reports whether Final must be told the files mapped
+	// shared and writable, whose stores no change tracking sees.
+	copiesMappings() bool
 }
 
 // subvolumeSnapshot captures an active snapshot whose directory is a btrfs
@@ -594,6 +597,12 @@ func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats
 // ioctl returns.
 func (subvolumeSnapshot) durable() bool { return true }
 
+// copiesMappings: no. A store through a shared mapping dirties its page
+// in the page cache, and the snapshot writes every dirty page of the
+// subvolume out first, so the frozen pause need not read the processes'
+// mappings.
+func (subvolumeSnapshot) copiesMappings() bool { return false }
+
 // incrementalCopy is the copy and reflink strategies.
 type incrementalCopy struct{ *capture.Copier }
 
@@ -601,6 +610,8 @@ func (incrementalCopy) needsPreCopy() bool { return true }
 
 // durable: copies sit in the page cache until written back.
 func (incrementalCopy) durable() bool { return false }
+
+func (incrementalCopy) copiesMappings() bool { return true }
 
 // syncCapture flushes a recorded capture to disk in the background and
 // records that it is. Waiting for it before answering would add the write
@@ -674,7 +685,10 @@ func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, cop
 	}
 	final.at = time.Now().UTC()
 	frozenAt := time.Since(start)
-	mapped, err := freeze.SharedWritableMappings(budgetCtx, frozenPIDs(frozen))
+	var mapped []string
+	if copier.copiesMappings() {
+		mapped, err = freeze.SharedWritableMappings(budgetCtx, frozenPIDs(frozen))
+	}
 	if err == nil {
 		final.stats, err = copier.Final(budgetCtx, mapped)
 	}
