@@ -16,7 +16,6 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
-	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
 
@@ -100,15 +99,13 @@ func (cv *Converter) Run(ctx context.Context) error {
 	}()
 	// Releasing a capture deletes a tree as large as the container's
 	// layer (seconds for a GiB): on a goroutine of its own, so that a new
-	// job never waits for it, and on a thread of its own at the lowest
-	// CPU priority, so that the containers never wait for it either.
+	// job never waits for it. The snapshotter deletes it in its
+	// background class (snapshotter.RemoveCapture), so that the
+	// containers never wait for it either.
 	collect := make(chan struct{}, 1)
 	collector.Add(1)
 	go func() {
 		defer collector.Done()
-		if err := sched.LowerPriority(19); err != nil {
-			log.G(ctx).WithError(err).Debug("cannot lower the priority of the capture collector")
-		}
 		cv.collectLoop(ctx, collect)
 	}()
 	sem := make(chan struct{}, cv.cfg.Workers)

@@ -83,9 +83,6 @@ func (c Class) Run(fn func()) {
 	<-done
 }
 
-// LowerPriority is Class{Nice: nice}.Enter().
-func LowerPriority(nice int) error { return Class{Nice: nice}.Enter() }
-
 // BackgroundCgroup makes (or finds) the cgroup v1 cpu cgroup name at the
 // top of the cpu hierarchy, idle (cpu.idle, Linux 5.15) or else with the
 // smallest cpu.shares, and returns its directory. At the
