@@ -193,21 +193,23 @@ func testFinalDetectsChanges(t *testing.T, track bool) {
 			os.WriteFile(f, []byte("y"), 0o644)
 		}
 	}()
+	stopWriter := func() { stop(); <-done }
+	defer stopWriter() // also on t.Fatal, before TempDir's cleanup runs
 	// The writer may not get a CPU while a short round runs (a loaded
 	// machine): each round also changes a file itself, after the round
 	// has started, as a writer that was not frozen would.
 	c.raceHook = func(int, string) { os.WriteFile(filepath.Join(src, "during"), []byte("z"), 0o644) }
 	var sawIt bool
 	for i := 0; i < 50 && !sawIt; i++ {
-		writeFile(t, filepath.Join(src, "f0000"), []byte("before"), 0o644) // something for the round to visit
+		// Something for the round to visit, in a file the writer leaves alone.
+		writeFile(t, filepath.Join(src, "visit"), []byte(fmt.Sprint(i)), 0o644)
 		_, err = c.Final(context.Background(), nil)
 		sawIt = errors.Is(err, ErrSourceChanged)
 		if err != nil && !sawIt {
 			t.Fatalf("Final: %v", err)
 		}
 	}
-	stop()
-	<-done
+	stopWriter()
 	c.raceHook = nil
 	if !sawIt {
 		t.Fatal("Final never noticed the source changing under it")
