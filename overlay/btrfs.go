@@ -4,6 +4,7 @@ package overlay
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -185,13 +186,233 @@ func SnapshotReadonly(src, dst string) error {
 	}
 	defer unix.Close(sfd)
 	return withParent(dst, func(parentFD int, name string) error {
-		args := btrfsVolArgsV2{fd: int64(sfd), flags: btrfsSubvolRdonly}
-		copy(args.name[:], name)
-		if err := ioctl(parentFD, btrfsIocSnapCreateV2, unsafe.Pointer(&args)); err != nil {
-			return fmt.Errorf("snapshot btrfs subvolume %s to %s: %w", src, dst, err)
-		}
-		return nil
+		return snapshotReadonly(sfd, parentFD, name, src, dst)
 	})
+}
+
+func snapshotReadonly(srcFD, parentFD int, name, src, dst string) error {
+	args := btrfsVolArgsV2{fd: int64(srcFD), flags: btrfsSubvolRdonly}
+	copy(args.name[:], name)
+	if err := ioctl(parentFD, btrfsIocSnapCreateV2, unsafe.Pointer(&args)); err != nil {
+		return fmt.Errorf("snapshot btrfs subvolume %s to %s: %w", src, dst, err)
+	}
+	return nil
+}
+
+// PendingSnapshot is a read-only snapshot being made by
+// StartSnapshotReadonly.
+type PendingSnapshot struct {
+	settled  chan struct{}
+	finished chan struct{}
+	err      error
+}
+
+// Settled is closed once the snapshot's content no longer depends on
+// what happens to the source, while the ioctl may still be writing the
+// transaction out; at the latest, when the ioctl returns, whether it
+// succeeded or not.
+func (p *PendingSnapshot) Settled() <-chan struct{} { return p.settled }
+
+// Wait waits for the snapshot ioctl to return, and returns its error.
+func (p *PendingSnapshot) Wait() error {
+	<-p.finished
+	return p.err
+}
+
+// StartSnapshotReadonly starts SnapshotReadonly(src, dst) and watches for
+// the moment its content is settled, which comes well before the ioctl
+// returns.
+//
+// A snapshot is created inside a transaction commit, while no handle on
+// the transaction is held and none can be taken: the kernel copies the
+// source's root node, forces every later change to the source to copy
+// the blocks it touches (BTRFS_ROOT_FORCE_COW), and only then records the
+// new root and its reference from the parent directory in the root tree.
+// From then on the snapshot is what the source was; the rest of the
+// ioctl writes the transaction's blocks and the superblocks out and waits
+// for the device's flushes (on a loop device or a busy disk, most of its
+// time). Those writes make the snapshot durable, not more consistent. The
+// watcher polls the root tree as it is in memory (BTRFS_IOC_TREE_SEARCH,
+// not the committed tree) for the new reference. If it cannot, the
+// snapshot is settled when the ioctl returns.
+func StartSnapshotReadonly(src, dst string) (*PendingSnapshot, error) {
+	srcFD, err := unix.Open(src, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open subvolume %s: %w", src, err)
+	}
+	parentFD, err := unix.Open(filepath.Dir(dst), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		unix.Close(srcFD)
+		return nil, fmt.Errorf("open %s: %w", filepath.Dir(dst), err)
+	}
+	name := filepath.Base(dst)
+	if len(name) >= 4040 {
+		unix.Close(srcFD)
+		unix.Close(parentFD)
+		return nil, fmt.Errorf("btrfs: name %q too long", name)
+	}
+	// The watch has a descriptor of its own: the ioctl's is closed when
+	// the ioctl returns, which may be while the watch is polling.
+	watch, werr := newRootRefWatch(parentFD, name)
+	p := &PendingSnapshot{settled: make(chan struct{}), finished: make(chan struct{})}
+	go func() {
+		p.err = snapshotReadonly(srcFD, parentFD, name, src, dst)
+		unix.Close(srcFD)
+		unix.Close(parentFD)
+		close(p.finished)
+	}()
+	go func() {
+		defer close(p.settled)
+		if werr != nil {
+			<-p.finished
+			return
+		}
+		defer watch.close()
+		for {
+			select {
+			case <-p.finished:
+				return
+			default:
+			}
+			found, err := watch.found()
+			if err != nil {
+				<-p.finished
+				return
+			}
+			if found {
+				return
+			}
+			// Not a busy loop: the commit needs the CPU, and the tree
+			// locks the search takes.
+			time.Sleep(settlePoll)
+		}
+	}()
+	return p, nil
+}
+
+// settlePoll is how often StartSnapshotReadonly looks for the settled
+// snapshot. Spinning instead made the commit itself slower on a 2-CPU
+// machine (median 6.1 ms instead of 5.3).
+const settlePoll = 50 * time.Microsecond
+
+const (
+	// BTRFS_ROOT_REF_KEY: in the root tree, (parent subvolume, ROOT_REF,
+	// child subvolume) holds the child's directory and name in its
+	// parent.
+	btrfsRootRefKey      = 156
+	btrfsSearchHeaderLen = 32 // struct btrfs_ioctl_search_header
+	btrfsRootRefLen      = 18 // struct btrfs_root_ref, before the name
+)
+
+// rootRefWatch looks for a new subvolume named name in the directory
+// parentFD, by its ROOT_REF item.
+type rootRefWatch struct {
+	parentFD   int
+	parentID   uint64 // the subvolume holding the directory
+	dirIno     uint64
+	name       string
+	minChildID uint64 // subvolume IDs only grow: the new one is above all
+}
+
+func newRootRefWatch(dirFD int, name string) (_ *rootRefWatch, retErr error) {
+	fd, err := unix.Dup(dirFD)
+	if err != nil {
+		return nil, err
+	}
+	unix.CloseOnExec(fd)
+	w := &rootRefWatch{parentFD: fd, name: name}
+	defer func() {
+		if retErr != nil {
+			w.close()
+		}
+	}()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, err
+	}
+	w.dirIno = st.Ino
+	args := btrfsInoLookupArgs{objectid: btrfsFirstFreeObjectid}
+	if err := ioctl(fd, btrfsIocInoLookup, unsafe.Pointer(&args)); err != nil {
+		return nil, err
+	}
+	w.parentID = args.treeid
+	// Start above the children the parent has now.
+	var above uint64
+	if err := w.scan(func(child uint64, _ uint64, _ string) bool {
+		above = max(above, child+1)
+		return false
+	}); err != nil {
+		return nil, err
+	}
+	w.minChildID = above
+	return w, nil
+}
+
+func (w *rootRefWatch) close() { unix.Close(w.parentFD) }
+
+func (w *rootRefWatch) found() (bool, error) {
+	var found bool
+	err := w.scan(func(_ uint64, dirIno uint64, name string) bool {
+		found = dirIno == w.dirIno && name == w.name
+		return found
+	})
+	return found, err
+}
+
+// scan calls fn for each ROOT_REF of the parent subvolume from
+// minChildID on, until fn returns true.
+func (w *rootRefWatch) scan(fn func(child, dirIno uint64, name string) bool) error {
+	from := w.minChildID
+	for {
+		args := btrfsSearchArgs{
+			treeID:      btrfsRootTreeObjectid,
+			minObjectid: w.parentID, maxObjectid: w.parentID,
+			minOffset: from, maxOffset: ^uint64(0),
+			maxTransid: ^uint64(0),
+			minType:    btrfsRootRefKey, maxType: btrfsRootRefKey,
+			nrItems: ^uint32(0),
+		}
+		if err := ioctl(w.parentFD, btrfsIocTreeSearch, unsafe.Pointer(&args)); err != nil {
+			return fmt.Errorf("search the btrfs root tree: %w", err)
+		}
+		if args.nrItems == 0 {
+			return nil
+		}
+		buf := args.buf[:]
+		for i := uint32(0); i < args.nrItems; i++ {
+			// struct btrfs_ioctl_search_header, then the item: struct
+			// btrfs_root_ref (dirid, sequence, name_len) and the name.
+			if len(buf) < btrfsSearchHeaderLen {
+				return fmt.Errorf("search the btrfs root tree: short result")
+			}
+			// The header is the kernel's, in the CPU's byte order; items
+			// are as on disk, little-endian.
+			child := binary.NativeEndian.Uint64(buf[16:])
+			itemType := binary.NativeEndian.Uint32(buf[24:])
+			itemLen := int(binary.NativeEndian.Uint32(buf[28:]))
+			item := buf[btrfsSearchHeaderLen:]
+			if len(item) < itemLen {
+				return fmt.Errorf("search the btrfs root tree: short item")
+			}
+			item, buf = item[:itemLen], item[itemLen:]
+			from = child + 1
+			if itemType != btrfsRootRefKey || len(item) < btrfsRootRefLen {
+				continue
+			}
+			nameLen := int(binary.LittleEndian.Uint16(item[16:]))
+			if len(item) < btrfsRootRefLen+nameLen {
+				continue
+			}
+			if fn(child, binary.LittleEndian.Uint64(item), string(item[btrfsRootRefLen:btrfsRootRefLen+nameLen])) {
+				return nil
+			}
+		}
+		// The kernel stops at the end of the range or when the next item
+		// does not fit: room for the largest item left means the end.
+		if from == 0 || len(buf) >= btrfsSearchHeaderLen+btrfsRootRefLen+255 {
+			return nil
+		}
+	}
 }
 
 // RemoveTree removes path, deleting it as a subvolume when it is one (a

@@ -4,10 +4,13 @@ package overlay
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -143,4 +146,151 @@ func TestWaitSubvolumeGone(t *testing.T) {
 			t.Fatalf("WaitSubvolumeGone of a live subvolume with an ended context = %v", err)
 		}
 	}
+}
+
+// TestStartSnapshotReadonly: a snapshot holds exactly what the source held
+// when it was settled, although the source keeps changing (written,
+// appended, renamed, deleted) from then on, while the ioctl is still
+// writing the transaction out. It also settles early at all (or the test
+// would prove nothing), finds its reference among more subvolumes than one
+// search returns, and reports a failed snapshot.
+func TestStartSnapshotReadonly(t *testing.T) {
+	testutil.RequireRoot(t)
+	mnt := testutil.LoopFS(t, "btrfs", 1<<30)
+	src := filledSubvolume(t, filepath.Join(mnt, "src"), 0)
+	// Neighbours with long names: the parent's references take several
+	// searches to read.
+	for i := range 40 {
+		filledSubvolume(t, filepath.Join(mnt, fmt.Sprintf("%0200d", i)), 0)
+	}
+	captures := filepath.Join(mnt, "captures")
+	if err := os.Mkdir(captures, 0o700); err != nil {
+		t.Fatal(err)
+	}
+
+	w := &treeWriter{t: t, dir: src, want: map[string]string{}}
+	const rounds = 30
+	var early int
+	for i := range rounds {
+		for range 20 {
+			w.step()
+		}
+		dst := filepath.Join(captures, fmt.Sprintf("c%02d", i))
+		want := maps.Clone(w.want)
+		p, err := StartSnapshotReadonly(src, dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		<-p.Settled()
+		select {
+		case <-p.finished:
+		default:
+			early++
+		}
+		for range 20 { // the writers, thawed
+			w.step()
+		}
+		if err := p.Wait(); err != nil {
+			t.Fatal(err)
+		}
+		if got := readTree(t, dst); !maps.Equal(got, want) {
+			t.Fatalf("snapshot %d: %d entries differ from the source when it settled:\n%s", i, len(diffTrees(got, want)), strings.Join(diffTrees(got, want), "\n"))
+		}
+	}
+	t.Logf("%d of %d snapshots settled before the ioctl returned", early, rounds)
+	if early == 0 {
+		t.Errorf("no snapshot settled before its ioctl returned")
+	}
+
+	// A failed snapshot: settled and finished, with the error.
+	p, err := StartSnapshotReadonly(src, filepath.Join(captures, "c00"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-p.Settled()
+	if err := p.Wait(); !errors.Is(err, unix.EEXIST) {
+		t.Errorf("snapshot onto an existing name: %v, want EEXIST", err)
+	}
+}
+
+// treeWriter changes a directory step by step, the way a workload does,
+// and keeps the contents it should hold.
+type treeWriter struct {
+	t    *testing.T
+	dir  string
+	n    int
+	log  []byte
+	want map[string]string
+}
+
+func (w *treeWriter) step() {
+	w.n++
+	k := w.n
+	must := func(err error) {
+		if err != nil {
+			w.t.Fatal(err)
+		}
+	}
+	// A new file, large enough to be written out as an extent.
+	data := strings.Repeat(fmt.Sprintf("%08d", k), 8<<10)
+	name := fmt.Sprintf("f%05d", k)
+	must(os.WriteFile(filepath.Join(w.dir, name), []byte(data), 0o644))
+	w.want[name] = data
+	// An append.
+	line := fmt.Sprintf("step %d\n", k)
+	f, err := os.OpenFile(filepath.Join(w.dir, "log"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	must(err)
+	_, err = f.WriteString(line)
+	must(errors.Join(err, f.Close()))
+	w.log = append(w.log, line...)
+	w.want["log"] = string(w.log)
+	// A rename and a deletion.
+	if k > 1 {
+		prev := fmt.Sprintf("f%05d", k-1)
+		moved := fmt.Sprintf("m%05d", k-1)
+		must(os.Rename(filepath.Join(w.dir, prev), filepath.Join(w.dir, moved)))
+		w.want[moved] = w.want[prev]
+		delete(w.want, prev)
+	}
+	if k > 10 {
+		gone := fmt.Sprintf("m%05d", k-10)
+		must(os.Remove(filepath.Join(w.dir, gone)))
+		delete(w.want, gone)
+	}
+}
+
+// readTree reads the regular files of a flat directory.
+func readTree(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, e := range entries {
+		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got[e.Name()] = string(data)
+	}
+	return got
+}
+
+func diffTrees(got, want map[string]string) []string {
+	var diff []string
+	for name, data := range want {
+		if g, ok := got[name]; !ok {
+			diff = append(diff, "missing "+name)
+		} else if g != data {
+			diff = append(diff, fmt.Sprintf("%s: %d bytes, want %d", name, len(g), len(data)))
+		}
+	}
+	for name := range got {
+		if _, ok := want[name]; !ok {
+			diff = append(diff, "extra "+name)
+		}
+	}
+	sort.Strings(diff)
+	return diff
 }

@@ -70,10 +70,14 @@ func TestBtrfsPreCopyFlushes(t *testing.T) {
 		t.Fatalf("after the pre-copy the filesystem has committed transaction %d, the files are in %d: the snapshot under the freeze would write them out", committed, written)
 	}
 	start := time.Now()
-	if _, err := s.Final(ctx, nil); err != nil {
+	var thawed []time.Duration
+	if _, err := s.final(ctx, nil, func() { thawed = append(thawed, time.Since(start)) }); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%d new files: flushed in %v, then snapshotted in %v", files, stats.Duration, time.Since(start))
+	t.Logf("%d new files: flushed in %v, then snapshotted in %v, settled after %v", files, stats.Duration, time.Since(start), thawed)
+	if len(thawed) != 1 {
+		t.Errorf("the capture thawed the writers %d times, want once", len(thawed))
+	}
 	if _, err := os.Stat(filepath.Join(s.dst, "fs", filepath.Base(last))); err != nil {
 		t.Fatalf("the snapshot lacks the last file written: %v", err)
 	}

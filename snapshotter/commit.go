@@ -551,9 +551,11 @@ func (o *Snapshotter) dropSeeds() {
 type capturer interface {
 	needsPreCopy() bool
 	PreCopy(ctx context.Context) (capture.Stats, error)
-	// Final runs frozen and makes the capture.
-	Final(ctx context.Context, alwaysRecopy []string) (capture.Stats, error)
-	// durable reports whether the capture is on disk once Final returns;
+	// final runs frozen and makes the capture. It calls thaw, at most
+	// once, as soon as the capture no longer needs the writers frozen, if
+	// that comes before it returns.
+	final(ctx context.Context, alwaysRecopy []string, thaw func()) (capture.Stats, error)
+	// durable reports whether the capture is on disk once final returns;
 	// if not, it is flushed in the background (see syncCapture).
 	durable() bool
 	// copiesMappings reports whether Final must be told the files mapped
@@ -575,19 +577,34 @@ func (subvolumeSnapshot) needsPreCopy() bool { return true }
 
 // PreCopy flushes the filesystem while the container runs, so that the
 // snapshot under the freeze only writes what changed since. It reports
-// nothing dirty: one round is all it takes.
+// nothing dirty: one round is all it takes. It runs at normal priority,
+// not in the background class: the flush commits a transaction, which the
+// container's own writes wait for, and a committer starved of CPU would
+// hold them up longer.
 func (s subvolumeSnapshot) PreCopy(context.Context) (capture.Stats, error) {
 	start := time.Now()
 	err := overlay.SyncFS(s.src)
 	return capture.Stats{Duration: time.Since(start)}, err
 }
 
-func (s subvolumeSnapshot) Final(ctx context.Context, _ []string) (capture.Stats, error) {
+// final thaws the writers once the snapshot is settled, before the ioctl
+// has written the transaction out and waited for the device (see
+// overlay.StartSnapshotReadonly): at 10,000 files on a loop device, 1.4 ms
+// of the ioctl's 5 ms.
+func (s subvolumeSnapshot) final(ctx context.Context, _ []string, thaw func()) (capture.Stats, error) {
 	start := time.Now()
 	if err := ctx.Err(); err != nil {
 		return capture.Stats{}, err
 	}
-	if err := overlay.SnapshotReadonly(s.src, s.dst); err != nil {
+	pending, err := overlay.StartSnapshotReadonly(s.src, s.dst)
+	if err != nil {
+		return capture.Stats{}, err
+	}
+	<-pending.Settled()
+	if thaw != nil {
+		thaw()
+	}
+	if err := pending.Wait(); err != nil {
 		return capture.Stats{}, err
 	}
 	return capture.Stats{Duration: time.Since(start)}, nil
@@ -605,6 +622,11 @@ func (subvolumeSnapshot) copiesMappings() bool { return false }
 
 // incrementalCopy is the copy and reflink strategies.
 type incrementalCopy struct{ *capture.Copier }
+
+// final: the capture is made when Final returns, not before.
+func (c incrementalCopy) final(ctx context.Context, alwaysRecopy []string, _ func()) (capture.Stats, error) {
+	return c.Final(ctx, alwaysRecopy)
+}
 
 func (incrementalCopy) needsPreCopy() bool { return true }
 
@@ -657,7 +679,7 @@ func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, cop
 	if len(cgroups) == 0 {
 		// Nothing runs on the snapshot: nothing can change under us.
 		final.at = time.Now().UTC()
-		stats, err := copier.Final(ctx, nil)
+		stats, err := copier.final(ctx, nil, nil)
 		final.stats = stats
 		if err != nil {
 			return final, 0, false, fmt.Errorf("capture: %w", err)
@@ -689,15 +711,28 @@ func (o *Snapshotter) freezeAndCapture(ctx context.Context, commitID string, cop
 	if copier.copiesMappings() {
 		mapped, err = freeze.SharedWritableMappings(budgetCtx, frozenPIDs(frozen))
 	}
-	if err == nil {
-		final.stats, err = copier.Final(budgetCtx, mapped)
+	// The capture may thaw the writers before it is done (btrfs), once it
+	// no longer needs them frozen; otherwise they are thawed after it.
+	var captured, pause time.Duration
+	var thawErr error
+	thawed := false
+	thaw := func() {
+		if thawed {
+			return
+		}
+		thawed = true
+		captured = time.Since(start)
+		thawErr = frozen.Thaw(context.WithoutCancel(ctx))
+		pause = time.Since(start)
 	}
-	copied := time.Since(start)
-	thawErr := frozen.Thaw(context.WithoutCancel(ctx))
-	pause := time.Since(start)
+	if err == nil {
+		final.stats, err = copier.final(budgetCtx, mapped, thaw)
+	}
+	thaw()
 	log.G(ctx).WithFields(log.Fields{
-		"freeze": frozenAt, "capture": copied - frozenAt, "thaw": pause - copied,
-		"dirty": final.stats.Dirty, "entries": final.stats.Entries, "tracked": final.stats.Tracked, "mapped": len(mapped),
+		"freeze": frozenAt, "capture": captured - frozenAt, "thaw": pause - captured,
+		"after-thaw": time.Since(start) - pause,
+		"dirty":      final.stats.Dirty, "entries": final.stats.Entries, "tracked": final.stats.Tracked, "mapped": len(mapped),
 	}).Debug("pause")
 	if thawErr != nil {
 		// Keep the intent: recovery retries the thaw.
