@@ -3,15 +3,12 @@
 package overlay
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-
-	"github.com/containerd/log"
 )
 
 const (
@@ -158,15 +155,4 @@ func (l Layout) Orphans(known map[string]string) ([]string, error) {
 		orphans = append(orphans, filepath.Join(l.SnapshotsDir(), e.Name()))
 	}
 	return orphans, nil
-}
-
-// RemoveAll removes the given snapshot directories. Failures are logged, not
-// returned: the metadata no longer references them, so the next Cleanup
-// retries.
-func (l Layout) RemoveAll(ctx context.Context, dirs []string) {
-	for _, dir := range dirs {
-		if err := RemoveTree(dir); err != nil {
-			log.G(ctx).WithError(err).WithField("path", dir).Warn("failed to remove snapshot directory")
-		}
-	}
 }

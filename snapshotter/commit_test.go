@@ -839,6 +839,74 @@ func TestBtrfsRelease(t *testing.T) {
 	}
 }
 
+// TestBtrfsSnapshotRemoval: removing a container's snapshot deletes its
+// subvolume at once, and keeps btrfs captures waiting, in the background,
+// until the kernel has dropped it, as a released capture does.
+func TestBtrfsSnapshotRemoval(t *testing.T) {
+	ctx := context.Background()
+	sn, upper := openOnLoop(t, "btrfs", 512<<20, "default/1/gone")
+	for i := range 20000 {
+		if err := os.WriteFile(filepath.Join(upper, fmt.Sprintf("f%05d", i)), []byte("data"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := sn.Prepare(ctx, "default/2/stays", ""); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Dir(upper)
+	id, err := overlay.SubvolumeID(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := overlay.SyncFS(dir); err != nil { // a drop with blocks to free
+		t.Fatal(err)
+	}
+	if err := sn.Remove(ctx, "default/1/gone"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := sn.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("the removed snapshot's subvolume is still there: %v", err)
+	}
+	// As long as the kernel has not dropped it, captures wait.
+	for {
+		exists, err := overlay.SubvolumeExists(filepath.Dir(dir), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !exists {
+			break
+		}
+		if err := sn.cleanups.enter(expiredContext(), false); err == nil {
+			t.Fatal("a capture could start while the removed snapshot was being dropped")
+		}
+		if time.Since(start) > 30*time.Second {
+			t.Fatal("the removed snapshot was not dropped in 30 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Logf("dropped %v after Cleanup returned", time.Since(start))
+	// Then the gate is let go, and a capture goes on at once.
+	ctx5, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := sn.cleanups.enter(ctx5, false); err != nil {
+		t.Fatalf("the gate was not let go after the drop: %v", err)
+	}
+	sn.cleanups.leave(false)
+	if _, err := sn.Capture(ctx, CommitRequest{Key: "default/2/stays", Target: "app"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func expiredContext() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}
+
 // TestBtrfsStrategy: on btrfs, active snapshots are subvolumes, a capture
 // is a read-only snapshot of one, and both are removed cleanly (Cleanup;
 // recovery of an abandoned capture).

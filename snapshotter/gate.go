@@ -76,35 +76,37 @@ const (
 	subvolumeCleanupMax = 5 * time.Minute
 )
 
-// cleanupGate keeps the kernel's clean-up of released btrfs captures and
-// btrfs freezes apart. Dropping a deleted subvolume makes the cleaner
-// queue reference updates for every block it shared with the live
-// subvolume; the snapshot taken under the next freeze commits the
-// transaction that must write them, which made the pause of a
-// 100,000-file container 6-264 ms instead of 5-10 ms. So a release holds
-// the gate alone until its subvolume is gone, and btrfs captures hold it
-// together, from before their pre-copy (whose flush commits what a drop
-// left) until they have thawed.
+// cleanupGate keeps the kernel's clean-up of deleted btrfs subvolumes
+// (released captures, removed containers' snapshots) and btrfs freezes
+// apart. Dropping a deleted subvolume makes the cleaner queue reference
+// updates for every block it shared with a live one; the snapshot taken
+// under the next freeze commits the transaction that must write them,
+// which made the pause of a 100,000-file container 6-264 ms instead of
+// 5-10 ms. So releases hold the gate, together, until their subvolumes
+// are gone, and btrfs captures hold it, together, from before their
+// pre-copy (whose flush commits what a drop left) until they have thawed;
+// never a release and a capture at once.
 type cleanupGate struct {
 	mu       sync.Mutex
 	captures int           // captures holding the gate
-	cleaning bool          // a release holds the gate
+	releases int           // releases holding the gate
 	changed  chan struct{} // closed, and replaced, when the gate is let go
 }
 
 func newCleanupGate() *cleanupGate { return &cleanupGate{changed: make(chan struct{})} }
 
-// enter waits until the gate can be held, alone (a release) or shared
-// with other captures, or until ctx ends.
-func (g *cleanupGate) enter(ctx context.Context, alone bool) error {
+// enter waits until the gate can be held by a release (release) or a
+// capture, or until ctx ends.
+func (g *cleanupGate) enter(ctx context.Context, release bool) error {
 	for {
 		g.mu.Lock()
-		if !g.cleaning && (!alone || g.captures == 0) {
-			if alone {
-				g.cleaning = true
-			} else {
-				g.captures++
-			}
+		switch {
+		case release && g.captures == 0:
+			g.releases++
+			g.mu.Unlock()
+			return nil
+		case !release && g.releases == 0:
+			g.captures++
 			g.mu.Unlock()
 			return nil
 		}
@@ -118,11 +120,11 @@ func (g *cleanupGate) enter(ctx context.Context, alone bool) error {
 	}
 }
 
-func (g *cleanupGate) leave(alone bool) {
+func (g *cleanupGate) leave(release bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if alone {
-		g.cleaning = false
+	if release {
+		g.releases--
 	} else {
 		g.captures--
 	}
@@ -130,30 +132,63 @@ func (g *cleanupGate) leave(alone bool) {
 	g.changed = make(chan struct{})
 }
 
-// removeSubvolume deletes a released btrfs capture and waits, holding
-// the cleanup gate, until the kernel has dropped it.
-func (o *Snapshotter) removeSubvolume(ctx context.Context, dir string) error {
+// removeSubvolume deletes a btrfs subvolume, holding the cleanup gate as
+// a release until the kernel has dropped it. With wait it returns then;
+// without, once the subvolume is deleted, and the gate is let go in the
+// background: removing a container need not wait for btrfs's clean-up.
+func (o *Snapshotter) removeSubvolume(ctx context.Context, dir string, wait bool) error {
 	if err := o.cleanups.enter(ctx, true); err != nil {
 		return err
 	}
-	defer o.cleanups.leave(true)
 	id, idErr := overlay.SubvolumeID(dir)
 	if err := overlay.RemoveTree(dir); err != nil {
+		o.cleanups.leave(true)
 		return err
 	}
 	if idErr != nil {
-		log.G(ctx).WithError(idErr).Warn("cannot wait for the released capture to be cleaned up")
+		o.cleanups.leave(true)
+		log.G(ctx).WithError(idErr).Warn("cannot wait for the deleted subvolume to be cleaned up")
 		return nil
 	}
-	start := time.Now()
-	waitCtx, cancel := context.WithTimeout(ctx, subvolumeCleanupMax)
-	defer cancel()
-	if err := overlay.WaitSubvolumeGone(waitCtx, filepath.Dir(dir), id, subvolumeCleanupPoll); err != nil {
-		log.G(ctx).WithError(err).Warn("btrfs is slow to clean up a released capture; captures no longer wait for it")
+	waitGone := func(ctx context.Context) {
+		defer o.cleanups.leave(true)
+		start := time.Now()
+		waitCtx, cancel := context.WithTimeout(ctx, subvolumeCleanupMax)
+		defer cancel()
+		if err := overlay.WaitSubvolumeGone(waitCtx, filepath.Dir(dir), id, subvolumeCleanupPoll); err != nil {
+			if ctx.Err() == nil {
+				log.G(ctx).WithError(err).Warn("btrfs is slow to clean up a deleted subvolume; captures no longer wait for it")
+			}
+			return
+		}
+		log.G(ctx).WithFields(log.Fields{"path": dir, "took": time.Since(start)}).Debug("deleted subvolume cleaned up by btrfs")
+	}
+	if wait {
+		waitGone(ctx)
 		return nil
 	}
-	log.G(ctx).WithField("took", time.Since(start)).Debug("released capture cleaned up by btrfs")
+	o.background.Add(1)
+	go func() {
+		defer o.background.Done()
+		waitGone(log.WithLogger(o.backgroundCtx, log.G(ctx)))
+	}()
 	return nil
+}
+
+// removeDirs removes the directories of removed snapshots. One that
+// survives is an orphan, which the next Cleanup retries.
+func (o *Snapshotter) removeDirs(ctx context.Context, dirs []string) {
+	for _, dir := range dirs {
+		var err error
+		if overlay.IsSubvolume(dir) {
+			err = o.removeSubvolume(ctx, dir, false)
+		} else {
+			err = overlay.RemoveTree(dir)
+		}
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("path", dir).Warn("failed to remove snapshot directory")
+		}
+	}
 }
 
 // awaitCleanups holds the cleanup gate for a btrfs capture, waiting at

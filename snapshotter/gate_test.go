@@ -40,9 +40,9 @@ func TestFreezeGate(t *testing.T) {
 	g.leave()
 }
 
-// TestCleanupGate: btrfs captures share the gate, a release holds it
-// alone, and each side waits for the other (a capture only as long as
-// its context allows).
+// TestCleanupGate: btrfs captures share the gate, releases share it,
+// and each side waits for the other (a capture only as long as its
+// context allows).
 func TestCleanupGate(t *testing.T) {
 	g := newCleanupGate()
 	ctx := context.Background()
@@ -82,13 +82,17 @@ func TestCleanupGate(t *testing.T) {
 	waiting(release, "a release during one capture")
 	g.leave(false)
 	in(release, "the release")
+	// Releases do not wait for each other.
+	in(entered(true), "a second release")
 
-	// A capture during a release waits for it, or gives up with its
+	// A capture during releases waits for them all, or gives up with its
 	// context.
 	if err := g.enter(expired, false); err == nil {
 		t.Fatal("a capture entered during a release")
 	}
 	capture := entered(false)
+	waiting(capture, "a capture during two releases")
+	g.leave(true)
 	waiting(capture, "a capture during a release")
 	g.leave(true)
 	in(capture, "the capture")

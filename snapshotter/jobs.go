@@ -61,7 +61,7 @@ func (o *Snapshotter) RemoveCapture(ctx context.Context, commitID string) error 
 	dir := o.layout.CaptureDir(commitID)
 	remove := overlay.RemoveTree
 	if overlay.IsSubvolume(dir) {
-		remove = func(dir string) error { return o.removeSubvolume(ctx, dir) }
+		remove = func(dir string) error { return o.removeSubvolume(ctx, dir, true) }
 	}
 	// Deleting a tree as large as the container's layer takes seconds
 	// of CPU, while the containers run: on a background thread.

@@ -410,7 +410,7 @@ func (o *Snapshotter) Remove(ctx context.Context, key string) error {
 	o.dropSeed(id)
 	// After the commit: the key is gone whatever happens to the directories,
 	// and a directory that survives is an orphan the next Cleanup retries.
-	o.layout.RemoveAll(ctx, removals)
+	o.removeDirs(ctx, removals)
 	return nil
 }
 
@@ -442,7 +442,7 @@ func (o *Snapshotter) Cleanup(ctx context.Context) error {
 	}); err != nil {
 		return fmt.Errorf("cleanup: %w", err)
 	}
-	o.layout.RemoveAll(ctx, removals)
+	o.removeDirs(ctx, removals)
 	return nil
 }
 
