@@ -24,6 +24,10 @@ const (
 	// EnvCI makes Require fail instead of skip when set to "true", so a CI
 	// job cannot go green by silently skipping every end-to-end test.
 	EnvCI = "CI"
+	// EnvKeepLogs names a directory the components' logs are copied
+	// into when a test or benchmark ends (they are otherwise deleted
+	// with its temporary directories).
+	EnvKeepLogs = "SEAMLESS_KEEP_LOGS"
 )
 
 // Names of the binaries the harness runs.

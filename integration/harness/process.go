@@ -57,6 +57,9 @@ func newProcess(t T, name, path, logPath string) *process {
 		if t.Failed() {
 			t.Logf("%s log %s, last %d lines:\n%s", name, logPath, logTailLines, p.tail(logTailLines))
 		}
+		if dir := os.Getenv(EnvKeepLogs); dir != "" {
+			p.keepLog(t, dir)
+		}
 	})
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout+5*time.Second)
@@ -273,4 +276,31 @@ func (p *process) waitReady(ctx context.Context, what string, check func(context
 		case <-ticker.C:
 		}
 	}
+}
+
+// keepLog copies the log into dir before the test's temporary
+// directories go, as <test>-<process>-<random>.log: a benchmark's daemon
+// log holds each pause's phases.
+func (p *process) keepLog(t T, dir string) {
+	test := "run"
+	if named, ok := t.(interface{ Name() string }); ok {
+		test = strings.NewReplacer("/", "_", " ", "_").Replace(named.Name())
+	}
+	data, err := os.ReadFile(p.logPath)
+	if err == nil {
+		err = os.MkdirAll(dir, 0o755)
+	}
+	var f *os.File
+	if err == nil {
+		f, err = os.CreateTemp(dir, test+"-"+p.name+"-*.log")
+	}
+	if err == nil {
+		_, err = f.Write(data)
+		err = errors.Join(err, f.Close())
+	}
+	if err != nil {
+		t.Logf("keeping the %s log: %v", p.name, err)
+		return
+	}
+	t.Logf("%s log kept in %s", p.name, f.Name())
 }

@@ -183,6 +183,13 @@ func fillDir(dir string, n, size int) error {
 
 // spin is the measuring loop. The signal goroutine only raises a flag; the
 // loop itself publishes the window and restarts the clock after the write.
+//
+// The loop's goroutine is not locked to its thread. The runtime preempts
+// a goroutine that has run for 10 ms (and the signal goroutine needs the
+// one P); a locked goroutine then hands its P to another thread and
+// sleeps until that thread hands it back, two wake-ups that waited for a
+// CPU on a busy host and showed up as stalls that no freeze caused. An
+// unlocked one is picked up again by the same thread.
 func spin(out string) error {
 	runtime.GOMAXPROCS(1)
 	var requested atomic.Bool
@@ -193,7 +200,6 @@ func spin(out string) error {
 			requested.Store(true)
 		}
 	}()
-	runtime.LockOSThread()
 	var longest, second, lost time.Duration
 	seq := 0
 	last := time.Now()
