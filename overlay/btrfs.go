@@ -236,6 +236,28 @@ func (p *PendingSnapshot) Wait() error {
 // not the committed tree) for the new reference. If it cannot, the
 // snapshot is settled when the ioctl returns.
 func StartSnapshotReadonly(src, dst string) (*PendingSnapshot, error) {
+	prepared, err := PrepareSnapshotReadonly(src, dst)
+	if err != nil {
+		return nil, err
+	}
+	return prepared.Start(), nil
+}
+
+// PreparedSnapshot is StartSnapshotReadonly's set-up, done ahead: its
+// descriptors are open and the watch knows where to look, so that Start,
+// under a freeze, only starts the ioctl. Start or Close it, once.
+type PreparedSnapshot struct {
+	srcFD, parentFD int
+	name, src, dst  string
+	watch           *rootRefWatch // nil if the root tree cannot be searched
+}
+
+// PrepareSnapshotReadonly opens what a snapshot of src at dst needs and
+// reads where the root tree will record it: on a host with many
+// subvolumes, several searches, better done before a freeze than in it.
+// A subvolume created in between (another capture) changes nothing: the
+// watch matches the new one by directory and name.
+func PrepareSnapshotReadonly(src, dst string) (*PreparedSnapshot, error) {
 	srcFD, err := unix.Open(src, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open subvolume %s: %w", src, err)
@@ -252,18 +274,34 @@ func StartSnapshotReadonly(src, dst string) (*PendingSnapshot, error) {
 		return nil, fmt.Errorf("btrfs: name %q too long", name)
 	}
 	// The watch has a descriptor of its own: the ioctl's is closed when
-	// the ioctl returns, which may be while the watch is polling.
-	watch, werr := newRootRefWatch(parentFD, name)
+	// the ioctl returns, which may be while the watch is polling. Without
+	// a watch, the snapshot is settled when the ioctl returns.
+	watch, _ := newRootRefWatch(parentFD, name)
+	return &PreparedSnapshot{srcFD: srcFD, parentFD: parentFD, name: name, src: src, dst: dst, watch: watch}, nil
+}
+
+// Close releases a snapshot that was prepared and not started.
+func (ps *PreparedSnapshot) Close() {
+	unix.Close(ps.srcFD)
+	unix.Close(ps.parentFD)
+	if ps.watch != nil {
+		ps.watch.close()
+	}
+}
+
+// Start starts the snapshot ioctl and the watch for its settling.
+func (ps *PreparedSnapshot) Start() *PendingSnapshot {
 	p := &PendingSnapshot{settled: make(chan struct{}), finished: make(chan struct{})}
 	go func() {
-		p.err = snapshotReadonly(srcFD, parentFD, name, src, dst)
-		unix.Close(srcFD)
-		unix.Close(parentFD)
+		p.err = snapshotReadonly(ps.srcFD, ps.parentFD, ps.name, ps.src, ps.dst)
+		unix.Close(ps.srcFD)
+		unix.Close(ps.parentFD)
 		close(p.finished)
 	}()
 	go func() {
 		defer close(p.settled)
-		if werr != nil {
+		watch := ps.watch
+		if watch == nil {
 			<-p.finished
 			return
 		}
@@ -287,7 +325,7 @@ func StartSnapshotReadonly(src, dst string) (*PendingSnapshot, error) {
 			time.Sleep(settlePoll)
 		}
 	}()
-	return p, nil
+	return p
 }
 
 // settlePoll is how often StartSnapshotReadonly looks for the settled

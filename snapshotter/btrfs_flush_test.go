@@ -58,7 +58,8 @@ func TestBtrfsPreCopyFlushes(t *testing.T) {
 		t.Fatalf("set-up: the files (transaction %d) are committed already (%d): the test cannot tell a flush", written, committed)
 	}
 
-	s := subvolumeSnapshot{src: src, dst: filepath.Join(mnt, "capture")}
+	s := &subvolumeSnapshot{src: src, dst: filepath.Join(mnt, "capture")}
+	defer s.close()
 	if !s.needsPreCopy() {
 		t.Fatal("the btrfs strategy does not flush before the freeze")
 	}

@@ -334,7 +334,9 @@ func (o *Snapshotter) capture(ctx context.Context, req CommitRequest, snapshotID
 	}
 	var cp capturer
 	if snapDir := o.layout.SnapshotDir(snapshotID); o.strategy == config.StrategyBtrfs && overlay.IsSubvolume(snapDir) {
-		cp = subvolumeSnapshot{src: snapDir, dst: tmp}
+		snap := &subvolumeSnapshot{src: snapDir, dst: tmp}
+		defer snap.close()
+		cp = snap
 		release, err := o.awaitCleanups(ctx)
 		if err != nil {
 			return rec, err
@@ -567,39 +569,58 @@ type capturer interface {
 // subvolume by a read-only snapshot of it: constant time, and consistent
 // because the writers are frozen (a btrfs snapshot alone is not
 // point-in-time for data being written).
-type subvolumeSnapshot struct{ src, dst string }
+type subvolumeSnapshot struct {
+	src, dst string
+	prepared *overlay.PreparedSnapshot // by PreCopy, started by final
+}
 
 // needsPreCopy: one round, a flush. The snapshot taken under the freeze
 // commits a btrfs transaction, which writes out everything changed since
 // the previous one: right after a container created 100k files, 0.3 s of
 // pause instead of 20 ms.
-func (subvolumeSnapshot) needsPreCopy() bool { return true }
+func (*subvolumeSnapshot) needsPreCopy() bool { return true }
 
 // PreCopy flushes the filesystem while the container runs, so that the
 // snapshot under the freeze only writes what changed since. It reports
 // nothing dirty: one round is all it takes. It runs at normal priority,
 // not in the background class: the flush commits a transaction, which the
 // container's own writes wait for, and a committer starved of CPU would
-// hold them up longer.
-func (s subvolumeSnapshot) PreCopy(context.Context) (capture.Stats, error) {
+// hold them up longer. It also prepares the snapshot
+// (overlay.PrepareSnapshotReadonly), so that the freeze only starts it.
+func (s *subvolumeSnapshot) PreCopy(context.Context) (capture.Stats, error) {
 	start := time.Now()
 	err := overlay.SyncFS(s.src)
+	if err == nil && s.prepared == nil {
+		s.prepared, err = overlay.PrepareSnapshotReadonly(s.src, s.dst)
+	}
 	return capture.Stats{Duration: time.Since(start)}, err
+}
+
+// close releases a snapshot prepared and never started.
+func (s *subvolumeSnapshot) close() {
+	if s.prepared != nil {
+		s.prepared.Close()
+		s.prepared = nil
+	}
 }
 
 // final thaws the writers once the snapshot is settled, before the ioctl
 // has written the transaction out and waited for the device (see
 // overlay.StartSnapshotReadonly): at 10,000 files on a loop device, 1.4 ms
 // of the ioctl's 5 ms.
-func (s subvolumeSnapshot) final(ctx context.Context, _ []string, thaw func()) (capture.Stats, error) {
+func (s *subvolumeSnapshot) final(ctx context.Context, _ []string, thaw func()) (capture.Stats, error) {
 	start := time.Now()
 	if err := ctx.Err(); err != nil {
 		return capture.Stats{}, err
 	}
-	pending, err := overlay.StartSnapshotReadonly(s.src, s.dst)
-	if err != nil {
-		return capture.Stats{}, err
+	if s.prepared == nil { // no pre-copy round ran
+		var err error
+		if s.prepared, err = overlay.PrepareSnapshotReadonly(s.src, s.dst); err != nil {
+			return capture.Stats{}, err
+		}
 	}
+	pending := s.prepared.Start()
+	s.prepared = nil
 	<-pending.Settled()
 	if thaw != nil {
 		thaw()
@@ -612,13 +633,13 @@ func (s subvolumeSnapshot) final(ctx context.Context, _ []string, thaw func()) (
 
 // durable: creating a snapshot commits a btrfs transaction before the
 // ioctl returns.
-func (subvolumeSnapshot) durable() bool { return true }
+func (*subvolumeSnapshot) durable() bool { return true }
 
 // copiesMappings: no. A store through a shared mapping dirties its page
 // in the page cache, and the snapshot writes every dirty page of the
 // subvolume out first, so the frozen pause need not read the processes'
 // mappings.
-func (subvolumeSnapshot) copiesMappings() bool { return false }
+func (*subvolumeSnapshot) copiesMappings() bool { return false }
 
 // incrementalCopy is the copy and reflink strategies.
 type incrementalCopy struct{ *capture.Copier }
