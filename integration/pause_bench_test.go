@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/pkg/rootfs"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/api"
 	"github.com/seamless-snapshotter/seamless-snapshotter/integration/harness"
@@ -140,6 +141,9 @@ var pauseImpls = []pauseImpl{
 // pause-ms/op (what the pauser says:
 // the API's pause_ms for seamless, Pause call to Resume return for the
 // containerd arms). ns/op is the time of the commit (or pause) call alone.
+// For seamless, a second window follows, until the commit's image is
+// published: conv-stall-ms/op and conv-lost-ms/op are the probe's longest
+// gap and lost time in it, conv-ms/op its length.
 // Before each window the host's page cache is synced. Sub-benchmarks are
 // files=N/impl=X for `benchstat -col /impl`.
 //
@@ -159,6 +163,13 @@ func BenchmarkPause(b *testing.B) {
 			b.Run(upper.String()+"/impl="+impl.name, func(b *testing.B) {
 				c := pb.container(b, upper)
 				stalls := make([]float64, 0, b.N)
+				// Where each window's longest gap ended, in ms after the
+				// commit (or pause) call returned: negative, during the
+				// call (the freeze); positive, after it (work that
+				// started with the commit, such as its conversion).
+				ends := make([]float64, 0, b.N)
+				var convMs, convStalls []float64
+				var convLostSum float64
 				var pauseSum, secondSum, lostSum float64
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
@@ -174,8 +185,21 @@ func BenchmarkPause(b *testing.B) {
 					b.StartTimer()
 					pauseSum += impl.run(pb, b, c, i)
 					b.StopTimer()
+					returned := monotonic(b)
 					w := pb.probeWindow(b, c)
 					stalls = append(stalls, w.longest)
+					ends = append(ends, float64(w.end-returned)/1e6)
+					if impl.name == "seamless" {
+						// The conversion window: from there until the
+						// commit's image is published, the layer is built
+						// and pushed beside the container.
+						start := time.Now()
+						waitJobsIdle(pb.ctx, b, pb.http)
+						cw := pb.probeWindow(b, c)
+						convMs = append(convMs, ms(time.Since(start)))
+						convStalls = append(convStalls, cw.longest)
+						convLostSum += cw.lost
+					}
 					secondSum += w.second
 					lostSum += w.lost
 					b.StartTimer()
@@ -189,10 +213,17 @@ func BenchmarkPause(b *testing.B) {
 				b.ReportMetric(pauseSum/float64(b.N), "pause-ms/op")
 				b.ReportMetric(secondSum/float64(b.N), "stall2-ms/op")
 				b.ReportMetric(lostSum/float64(b.N), "lost-ms/op")
+				if len(convStalls) > 0 {
+					b.ReportMetric(mean(convStalls), "conv-stall-ms/op")
+					b.ReportMetric(convLostSum/float64(b.N), "conv-lost-ms/op")
+					b.ReportMetric(mean(convMs), "conv-ms/op")
+					b.Logf("%s impl=%s N=%d conversion windows: longest gaps ms %.1f; lost ms mean %.1f; window ms mean %.0f",
+						upper, impl.name, b.N, convStalls, convLostSum/float64(b.N), mean(convMs))
+				}
 				inOrder := fmt.Sprintf("%.1f", stalls)
 				slices.Sort(stalls)
-				b.Logf("%s impl=%s N=%d stall ms: median %.2f min %.2f max %.2f (in order %s); pause ms mean %.2f",
-					upper, impl.name, b.N, median(stalls), stalls[0], stalls[len(stalls)-1], inOrder, pauseSum/float64(b.N))
+				b.Logf("%s impl=%s N=%d stall ms: median %.2f min %.2f max %.2f (in order %s; their ends, ms after the call returned: %.1f); pause ms mean %.2f",
+					upper, impl.name, b.N, median(stalls), stalls[0], stalls[len(stalls)-1], inOrder, ends, pauseSum/float64(b.N))
 			})
 		}
 	}
@@ -305,8 +336,12 @@ func (pb *pauseBench) task(b *testing.B, c *probeContainer) containerd.Task {
 }
 
 // probeResult is one window of the probe, in ms: the longest gap, the
-// second longest, and the sum of all gaps over 1 ms.
-type probeResult struct{ longest, second, lost float64 }
+// second longest, and the sum of all gaps over 1 ms; and when the longest
+// ended (CLOCK_MONOTONIC, ns).
+type probeResult struct {
+	longest, second, lost float64
+	end                   int64
+}
 
 // probeWindow ends the probe's current window (SIGUSR1 from the host, no
 // exec in the container) and returns it, read through /proc/PID/root once
@@ -323,7 +358,7 @@ func (pb *pauseBench) probeWindow(b *testing.B, c *probeContainer) probeResult {
 			return false, nil
 		}
 		f := strings.Fields(string(data))
-		if len(f) != 4 {
+		if len(f) != 5 {
 			return false, nil
 		}
 		seq, err := strconv.Atoi(f[0])
@@ -338,7 +373,11 @@ func (pb *pauseBench) probeWindow(b *testing.B, c *probeContainer) probeResult {
 			}
 			ns[i] = float64(v) / 1e6
 		}
-		c.seq, r = seq, probeResult{ns[0], ns[1], ns[2]}
+		end, err := strconv.ParseInt(f[4], 10, 64)
+		if err != nil {
+			return false, nil
+		}
+		c.seq, r = seq, probeResult{ns[0], ns[1], ns[2], end}
 		return true, nil
 	}); err != nil {
 		b.Fatalf("the probe did not answer: %v", err)
@@ -371,7 +410,24 @@ func (pb *pauseBench) seamlessCommit(b *testing.B, c *probeContainer, i int) flo
 	return rec.PauseMillis
 }
 
+// monotonic reads CLOCK_MONOTONIC in ns, the clock of the probe's gaps.
+func monotonic(tb testing.TB) int64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		tb.Fatal(err)
+	}
+	return ts.Nano()
+}
+
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func mean(xs []float64) float64 {
+	var sum float64
+	for _, x := range xs {
+		sum += x
+	}
+	return sum / float64(len(xs))
+}
 
 func median(sorted []float64) float64 {
 	n := len(sorted)

@@ -1,8 +1,9 @@
 // Command probe measures, from inside a container, how long the container
 // stalls: it spins reading the monotonic clock and remembers the longest
 // gap between two consecutive iterations. On SIGUSR1 it writes
-// "<seq> <longest gap> <second longest gap> <sum of gaps over 1 ms>\n"
-// (ns) to -out (through a temporary file and a rename, so that a reader
+// "<seq> <longest gap> <second longest gap> <sum of gaps over 1 ms>
+// <end of the longest gap>\n" (ns; the end is CLOCK_MONOTONIC, which the
+// host shares, so that the host can tell what its gap overlapped) to -out (through a temporary file and a rename, so that a reader
 // never sees half of it) and starts a new window.
 // The file write is not part of any window.
 //
@@ -201,6 +202,7 @@ func spin(out string) error {
 		}
 	}()
 	var longest, second, lost time.Duration
+	var longestEnd int64
 	seq := 0
 	last := time.Now()
 	for {
@@ -209,6 +211,7 @@ func spin(out string) error {
 		switch {
 		case gap > longest:
 			longest, second = gap, longest
+			longestEnd = monotonic()
 		case gap > second:
 			second = gap
 		}
@@ -219,7 +222,7 @@ func spin(out string) error {
 		if requested.Load() {
 			requested.Store(false)
 			seq++
-			if err := publish(out, seq, longest, second, lost); err != nil {
+			if err := publish(out, seq, longest, second, lost, longestEnd); err != nil {
 				return err
 			}
 			longest, second, lost = 0, 0, 0
@@ -228,10 +231,20 @@ func spin(out string) error {
 	}
 }
 
-func publish(out string, seq int, longest, second, lost time.Duration) error {
+func publish(out string, seq int, longest, second, lost time.Duration, longestEnd int64) error {
 	tmp := out + ".tmp"
-	if err := os.WriteFile(tmp, fmt.Appendf(nil, "%d %d %d %d\n", seq, longest, second, lost), 0o644); err != nil {
+	if err := os.WriteFile(tmp, fmt.Appendf(nil, "%d %d %d %d %d\n", seq, longest, second, lost, longestEnd), 0o644); err != nil {
 		return err
 	}
 	return os.Rename(tmp, out)
+}
+
+// monotonic reads CLOCK_MONOTONIC in ns (Go's monotonic readings are
+// relative to the process's start, not to the host's clock).
+func monotonic() int64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0
+	}
+	return ts.Nano()
 }
