@@ -107,8 +107,8 @@ const defaultGzipLevel = pgzip.BestSpeed
 // When write fails (or ctx is done), CompressLayer returns its error and
 // stops writing to dst; what dst got by then is not a valid blob.
 func CompressLayer(ctx context.Context, dst io.Writer, c Compression, level int, write func(io.Writer) error) (Blob, error) {
-	if err := config.ValidateCompressionLevel(string(c), level); err != nil && c != CompressionNone {
-		return Blob{}, fmt.Errorf("%w: %v", errdefs.ErrInvalidArgument, err)
+	if err := validateCompression(c, level); err != nil {
+		return Blob{}, err
 	}
 	blob := &hashWriter{w: dst, h: digest.SHA256.Digester()}
 	var zw io.WriteCloser
@@ -174,6 +174,19 @@ func CompressLayer(ctx context.Context, dst io.Writer, c Compression, level int,
 		b.Digest = blob.h.Digest()
 	}
 	return b, nil
+}
+
+// validateCompression checks a compression and its level.
+func validateCompression(c Compression, level int) error {
+	switch c {
+	case CompressionGzip, CompressionZstd, CompressionNone:
+	default:
+		return fmt.Errorf("%w: unknown compression %q", errdefs.ErrInvalidArgument, string(c))
+	}
+	if err := config.ValidateCompressionLevel(string(c), level); err != nil && c != CompressionNone {
+		return fmt.Errorf("%w: %v", errdefs.ErrInvalidArgument, err)
+	}
+	return nil
 }
 
 // hashWriter passes writes on to w, hashing (unless h is nil) and

@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
 	"github.com/seamless-snapshotter/seamless-snapshotter/snapshotter"
 )
 
@@ -41,6 +42,10 @@ type Converter struct {
 	// observers are told of every job that ends (done or failed).
 	observers []func(snapshotter.Commit)
 
+	// background, if set, is the class of the layer builder processes
+	// (see buildLayerProcess).
+	background *sched.Class
+
 	wake chan struct{}
 
 	clientMu sync.Mutex
@@ -56,6 +61,18 @@ type Option func(*Converter)
 // WithJobObserver calls fn with the record of every job that ends.
 func WithJobObserver(fn func(snapshotter.Commit)) Option {
 	return func(cv *Converter) { cv.observers = append(cv.observers, fn) }
+}
+
+// WithBackgroundClass builds layers in class c, so that the containers'
+// threads run first: in a process of c's, the program re-executed (it
+// must call MaybeRunLayerBuilder first in main). The zero class changes
+// nothing: layers are built in the daemon, at its priority.
+func WithBackgroundClass(c sched.Class) Option {
+	return func(cv *Converter) {
+		if c != (sched.Class{}) {
+			cv.background = &c
+		}
+	}
 }
 
 // New returns a converter of the jobs in store; Run runs it.

@@ -285,10 +285,16 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 		}
 	}
 	buf := bufio.NewWriterSize(dst, 1<<20)
-	blob, err := CompressLayer(ctx, buf, comp, level, func(tw io.Writer) error {
-		_, err := layer.Write(ctx, prog.writer(ctx, tw), cv.store.CaptureUpper(c.ID), opts)
-		return err
-	})
+	var blob Blob
+	var err error
+	if cv.background != nil {
+		blob, err = buildLayerProcess(ctx, buf, cv.store.CaptureUpper(c.ID), opts, comp, level, *cv.background, prog)
+	} else {
+		blob, err = CompressLayer(ctx, buf, comp, level, func(tw io.Writer) error {
+			_, err := layer.Write(ctx, prog.writer(ctx, tw), cv.store.CaptureUpper(c.ID), opts)
+			return err
+		})
+	}
 	if err == nil {
 		err = buf.Flush()
 	}

@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -39,12 +41,14 @@ import (
 const (
 	// faultsConfig retries fast, so that an outage of seconds costs
 	// seconds, and often enough to outlast it; one worker, so that a
-	// commit can be held in the queue behind a running one.
+	// commit can be held in the queue behind a running one; layers built
+	// in builder processes, whose faults these are too.
 	faultsConfig = `[convert]
 workers = 1
 retry_initial = "200ms"
 retry_max = "1s"
 max_attempts = 30
+background_build = true
 `
 	// bigLayer is the random (incompressible) data written into a
 	// container whose push a test interrupts: at slowRate it takes
@@ -66,7 +70,8 @@ max_attempts = 30
 // conversion, against real containerd, runc and registry, on one
 // environment: the registry stopped in the middle of a push (with a
 // commit queued behind it whose container is removed before its job
-// ran), and the daemon killed in the middle of a push. Every job ends
+// ran), and the daemon killed while it builds a layer (its builder
+// process must die with it) and in the middle of a push. Every job ends
 // done and its image, pulled fresh, is exactly the capture.
 func TestConvertFaults(t *testing.T) {
 	harness.Require(t)
@@ -149,6 +154,62 @@ func TestConvertFaults(t *testing.T) {
 			checkPublishedFrom(ctx, t, env, c, baseRef, rec, tc.capture)
 		}
 		assertWriterRuns(ctx, t, env, c, big)
+	})
+
+	t.Run("daemon killed mid-conversion", func(t *testing.T) {
+		apic := newAPIClient(env)
+		id := runWriter(ctx, t, env, baseRef)
+		writeRandom(ctx, t, env, id, bigLayer)
+		proxy.SetRate(slowRate)
+		defer proxy.SetRate(0)
+		const repo, tag = "seamless-test/faults-killed-converting", "1"
+		rec := postCommit(ctx, t, apic, id, proxy.Ref(repo+":"+tag))
+		// The layer streams to the registry while it is built: held by
+		// the proxy, the builder process is under way.
+		var procs []builderProc
+		// Progress comes from the builder, which joins its class before
+		// it reads anything.
+		pollCommit(ctx, t, apic, rec.ID, "building its layer in a builder process", true, func(r api.Commit) bool {
+			procs = daemonBuilders(t, env.Daemon.Pid())
+			return r.State == snapshotter.StateConverting && r.Progress.Done > 0 && len(procs) > 0
+		})
+		proxy.SetRate(holdRate)
+		// The daemon's default class: nice 19 and, with cgroup v1, the
+		// idle cgroup at the top of the cpu hierarchy.
+		for _, p := range procs {
+			if p.nice != 19 || (p.cgroup != "" && p.cgroup != "/seamless-background") {
+				t.Errorf("layer builder %d: nice %d, cpu cgroup %q; want 19, /seamless-background (cgroup v1) or none (v2)", p.pid, p.nice, p.cgroup)
+			}
+		}
+		if err := env.Daemon.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		// The kernel kills the builder with its parent.
+		if err := harness.WaitFor(ctx, 20*time.Millisecond, func(context.Context) (bool, error) {
+			for _, p := range procs {
+				if err := unix.Kill(p.pid, 0); err == nil {
+					return false, nil
+				}
+			}
+			return true, nil
+		}); err != nil {
+			t.Fatalf("layer builders %+v outlived the daemon: %v", procs, err)
+		}
+		t.Logf("daemon killed with commit %s converting; its layer builders %+v died with it", rec.ID, procs)
+
+		proxy.SetRate(0)
+		if err := env.Daemon.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := env.WaitForSnapshotter(ctx); err != nil {
+			t.Fatal(err)
+		}
+		apic = newAPIClient(env)
+		rec = waitEnd(ctx, t, apic, rec.ID)
+		requireDone(t, rec)
+		checkPublished(ctx, t, env, c, baseRef, rec)
+		checkRegistryImage(ctx, t, env.Registry, repo, tag, rec.ImageDigest)
+		assertWriterRuns(ctx, t, env, c, id)
 	})
 
 	t.Run("daemon killed mid-push", func(t *testing.T) {
@@ -584,4 +645,54 @@ func (p *slowProxy) close() {
 	p.conns = nil
 	p.mu.Unlock()
 	p.wg.Wait()
+}
+
+// builderProc is a layer builder process of the daemon: its pid,
+// nice value and cpu cgroup (cgroup v1; "" on v2).
+type builderProc struct {
+	pid, nice int
+	cgroup    string
+}
+
+// daemonBuilders returns the daemon's layer builder processes.
+func daemonBuilders(t *testing.T, daemonPid int) []builderProc {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []builderProc
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		dir := filepath.Join("/proc", e.Name())
+		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
+		if err != nil || !bytes.HasPrefix(cmdline, []byte("seamless-layer-builder\x00")) {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join(dir, "stat"))
+		if err != nil {
+			continue
+		}
+		_, rest, _ := bytes.Cut(stat, []byte(") "))
+		f := strings.Fields(string(rest))
+		if len(f) < 17 {
+			continue
+		}
+		if ppid, _ := strconv.Atoi(f[1]); ppid != daemonPid {
+			continue
+		}
+		p := builderProc{pid: pid}
+		p.nice, _ = strconv.Atoi(f[16])
+		cg, _ := os.ReadFile(filepath.Join(dir, "cgroup"))
+		for _, line := range strings.Split(string(cg), "\n") {
+			if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && strings.Contains(","+parts[1]+",", ",cpu,") {
+				p.cgroup = parts[2]
+			}
+		}
+		out = append(out, p)
+	}
+	return out
 }

@@ -218,7 +218,7 @@ func startWriterFrom(ctx context.Context, t *testing.T, env *harness.Env, repo s
 }
 
 // daemonConfig writes a daemon configuration file for a test.
-func daemonConfig(t *testing.T, toml string) string {
+func daemonConfig(t testing.TB, toml string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "config.toml")
 	if err := os.WriteFile(p, []byte(toml), 0o644); err != nil {

@@ -240,6 +240,11 @@ func startPauseBench(b *testing.B) *pauseBench {
 	if fstype := os.Getenv("SEAMLESS_BENCH_FS"); fstype != "" {
 		opts.Daemon.Root = filepath.Join(testutil.LoopFS(b, fstype, 16<<30), "seamless")
 	}
+	// SEAMLESS_BENCH_BACKGROUND_BUILD=1 builds layers in processes of the
+	// background class ([convert] background_build).
+	if os.Getenv("SEAMLESS_BENCH_BACKGROUND_BUILD") == "1" {
+		opts.Daemon.ConfigFile = daemonConfig(b, "[convert]\nbackground_build = true\n")
+	}
 	env := harness.Start(b, opts)
 	img, err := testimage.Build(testimage.WithExtraFiles(map[string][]byte{"/bin/probe": probe}))
 	if err != nil {

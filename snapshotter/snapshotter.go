@@ -71,8 +71,8 @@ type Snapshotter struct {
 	seedWatches int
 	gate        freezeGate
 	// bgClass is how the work done while containers run (pre-copy,
-	// seeding, releasing captures) runs: niced, and in a background
-	// cgroup where there can be one.
+	// seeding, releasing captures; building layers, in package convert)
+	// runs: niced, and in a background cgroup where there can be one.
 	bgClass sched.Class
 	// cleanups keeps btrfs freezes and the clean-up of released btrfs
 	// captures apart (see cleanupGate).
@@ -566,3 +566,8 @@ func (o *Snapshotter) withUpperdirLabel(info snapshots.Info, id string) snapshot
 	info.Labels = labels
 	return info
 }
+
+// BackgroundClass is how work done while containers run should run
+// ([commit] precopy_nice and background_cgroup): the converter builds
+// layers in it.
+func (o *Snapshotter) BackgroundClass() sched.Class { return o.bgClass }

@@ -16,12 +16,15 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/seamless-snapshotter/seamless-snapshotter/config"
+	"github.com/seamless-snapshotter/seamless-snapshotter/convert"
 )
 
 // version is set at link time (-ldflags "-X main.version=...").
 var version = "dev"
 
 func main() {
+	// Started by the converter as a layer builder: build and exit.
+	convert.MaybeRunLayerBuilder()
 	if err := run(os.Args[1:], os.Stderr); err != nil {
 		fmt.Fprintf(os.Stderr, "containerd-seamless-grpc: %v\n", err)
 		os.Exit(1)

@@ -56,7 +56,11 @@ func serve(ctx context.Context, cfg config.Config) error {
 	}()
 	metrics.WatchCaptures(sn)
 
-	conv, err := convert.New(sn, cfg.Convert, convert.WithJobObserver(metrics.ObserveJob))
+	convOpts := []convert.Option{convert.WithJobObserver(metrics.ObserveJob)}
+	if cfg.Convert.BackgroundBuild {
+		convOpts = append(convOpts, convert.WithBackgroundClass(sn.BackgroundClass()))
+	}
+	conv, err := convert.New(sn, cfg.Convert, convOpts...)
 	if err != nil {
 		return err
 	}

@@ -66,6 +66,46 @@ func (c Class) Enter() error {
 
 var errMainThread = errors.New("sched: the main thread keeps its priority")
 
+// EnterProcess runs the whole calling process in class c: a helper
+// process of the daemon's (the layer compressor) calls it first thing.
+// Every thread it has gets c's nice value, and the threads it makes later
+// inherit it from the one that makes them; with cgroup v1, the process
+// joins c's cgroup (cgroup.procs moves every thread). Whatever fails, the
+// process still runs, at the priority it could get.
+//
+// A daemon thread of the background class that the kernel starves while
+// it runs Go code keeps its P from the rest of the daemon (and from a
+// stop-the-world) until it runs again; a process of its own starves
+// alone. Hence CPU-heavy background work goes into a helper process.
+func (c Class) EnterProcess() error {
+	var errs []error
+	if c.Cgroup != "" {
+		if err := os.WriteFile(filepath.Join(c.Cgroup, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
+			errs = append(errs, fmt.Errorf("join cgroup %s: %w", c.Cgroup, err))
+		}
+	}
+	if c.Nice > 0 {
+		// Twice: the runtime may make a thread while the first pass runs.
+		for range 2 {
+			tasks, err := os.ReadDir("/proc/self/task")
+			if err != nil {
+				errs = append(errs, fmt.Errorf("list threads: %w", err))
+				break
+			}
+			for _, t := range tasks {
+				tid, err := strconv.Atoi(t.Name())
+				if err != nil {
+					continue
+				}
+				if err := unix.Setpriority(unix.PRIO_PROCESS, tid, c.Nice); err != nil && !errors.Is(err, unix.ESRCH) {
+					errs = append(errs, fmt.Errorf("set nice %d of thread %d: %w", c.Nice, tid, err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Run runs fn on a thread of its own in class c (best effort, see Enter)
 // and waits for it. The thread ends with fn.
 func (c Class) Run(fn func()) {

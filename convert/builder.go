@@ -1,0 +1,327 @@
+//go:build linux
+
+package convert
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/layer"
+)
+
+// builderArg0 is the argv[0] of a layer builder process: the program
+// re-executed (/proc/self/exe, as containerd and moby do for their
+// helpers), which MaybeRunLayerBuilder turns into a builder.
+const builderArg0 = "seamless-layer-builder"
+
+// Limits of what a builder reports.
+const (
+	// builderProgressStep is how many tar bytes pass between two
+	// progress reports.
+	builderProgressStep = 1 << 20
+	// stderrLimit bounds what is kept of a builder's standard error: its
+	// last words, for the error of a failed job.
+	stderrLimit = 4 << 10
+)
+
+// builderStatus is a line a builder writes on its status pipe (fd 3):
+// progress while it writes the tar, then, last, the outcome.
+type builderStatus struct {
+	// Progress is how many bytes of the tar are written so far.
+	Progress int64 `json:"progress,omitempty"`
+	Done     bool  `json:"done,omitempty"`
+	Blob     Blob  `json:"blob"`
+	// Error and Class (the errdefs class, for the job's retry decision)
+	// say why the layer could not be built.
+	Error string `json:"error,omitempty"`
+	Class string `json:"class,omitempty"`
+}
+
+// MaybeRunLayerBuilder returns at once, unless this process was started
+// by a Converter as a layer builder: then it builds the layer it is asked
+// for, writes the blob to its standard output, and exits. Every program
+// that runs a Converter with a background class (WithBackgroundClass)
+// calls it first in main, and so does TestMain of tests that do.
+func MaybeRunLayerBuilder() {
+	if len(os.Args) == 0 || os.Args[0] != builderArg0 {
+		return
+	}
+	if err := runLayerBuilder(os.Args[1:], os.Stdout, os.NewFile(3, "status")); err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", builderArg0, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// runLayerBuilder is a builder process's work: args are its flags and the
+// upper directory. A layer that cannot be built is reported on status,
+// not returned: the error returned is about the process's own set-up.
+func runLayerBuilder(args []string, out, status io.Writer) error {
+	fs := flag.NewFlagSet(builderArg0, flag.ContinueOnError)
+	var class sched.Class
+	fs.IntVar(&class.Nice, "nice", 0, "nice value of the process")
+	fs.StringVar(&class.Cgroup, "cgroup", "", "cgroup v1 cpu cgroup the process joins")
+	comp := fs.String("compression", string(CompressionGzip), "compression of the blob")
+	level := fs.Int("level", 0, "compression level (0: the compression's default)")
+	previous := fs.String("previous", "", "earlier capture the layer is the changes from")
+	modTime := fs.Int64("modtime", 0, "clamp mtimes to this Unix time in ns (0: none)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("want one upper directory, got %q", fs.Args())
+	}
+	// Best effort, as for the daemon's background threads: a builder at
+	// a higher priority than asked is slower for the containers, not
+	// wrong.
+	_ = class.EnterProcess()
+	opts := layer.Options{Previous: *previous}
+	if *modTime != 0 {
+		t := time.Unix(0, *modTime)
+		opts.ModTime = &t
+	}
+	enc := json.NewEncoder(status)
+	bw := bufio.NewWriterSize(out, 1<<20)
+	blob, err := CompressLayer(context.Background(), bw, Compression(*comp), *level, func(tw io.Writer) error {
+		_, err := layer.Write(context.Background(), &progressReporter{w: tw, enc: enc}, fs.Arg(0), opts)
+		return err
+	})
+	if err == nil {
+		err = bw.Flush()
+	}
+	res := builderStatus{Done: true, Blob: blob}
+	if err != nil {
+		res = builderStatus{Done: true, Error: err.Error(), Class: errClass(err)}
+	}
+	return enc.Encode(res)
+}
+
+// progressReporter passes writes on to w and reports their total on enc
+// every builderProgressStep bytes.
+type progressReporter struct {
+	w        io.Writer
+	enc      *json.Encoder
+	n, since int64
+}
+
+func (p *progressReporter) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	p.n += int64(n)
+	if p.since += int64(n); p.since >= builderProgressStep {
+		p.since = 0
+		if eerr := p.enc.Encode(builderStatus{Progress: p.n}); eerr != nil && err == nil {
+			err = fmt.Errorf("report progress: %w", eerr)
+		}
+	}
+	return n, err
+}
+
+// errClasses are the errdefs classes a builder's failure keeps across the
+// process boundary.
+var errClasses = []struct {
+	name string
+	err  error
+}{
+	{"not-implemented", errdefs.ErrNotImplemented},
+	{"invalid-argument", errdefs.ErrInvalidArgument},
+	{"not-found", errdefs.ErrNotFound},
+	{"unavailable", errdefs.ErrUnavailable},
+}
+
+func errClass(err error) string {
+	for _, c := range errClasses {
+		if errors.Is(err, c.err) {
+			return c.name
+		}
+	}
+	return ""
+}
+
+// builderError is a builder's failure, with its errdefs class.
+type builderError struct {
+	msg   string
+	class error
+}
+
+func (e *builderError) Error() string { return e.msg }
+func (e *builderError) Unwrap() error { return e.class }
+
+// buildLayerProcess writes the layer of upper (see layer.Write), compressed
+// with c at level, to dst, building it in a process of class bg: reading
+// the files, the tar, its digest and the compression, most of a
+// conversion's CPU time, run there. A daemon thread of the background
+// class could not do it (see sched.Class.EnterProcess), and the
+// compressor's goroutines cannot be placed one by one. The daemon only
+// passes the blob on to dst (hashing it again: the digest it records is
+// its own), steps aside while a container is frozen, and counts the tar's
+// progress in prog.
+//
+// The process enters bg itself, first thing. The thread that starts it
+// waits for it, because the kernel sends a child's parent-death signal
+// when the thread that forked it ends, and that signal is what ends the
+// builder if the daemon dies.
+func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, bg sched.Class, prog *progress) (Blob, error) {
+	if err := validateCompression(c, level); err != nil {
+		return Blob{}, err
+	}
+	if err := ctx.Err(); err != nil {
+		return Blob{}, err
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return Blob{}, fmt.Errorf("builder pipe: %w", err)
+	}
+	statR, statW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return Blob{}, fmt.Errorf("builder pipe: %w", err)
+	}
+	// A larger pipe than the default 64 KiB: fewer switches between the
+	// builder and the daemon. Best effort (the limit is
+	// fs.pipe-max-size). Fd makes the file blocking: it is the
+	// builder's end.
+	_, _ = unix.FcntlInt(outW.Fd(), unix.F_SETPIPE_SZ, 1<<20)
+
+	args := []string{"-nice", strconv.Itoa(bg.Nice), "-cgroup", bg.Cgroup,
+		"-compression", string(c), "-level", strconv.Itoa(level), "-previous", opts.Previous}
+	if opts.ModTime != nil {
+		args = append(args, "-modtime", strconv.FormatInt(opts.ModTime.UnixNano(), 10))
+	}
+	cmd := exec.CommandContext(ctx, "/proc/self/exe", append(args, "--", upper)...)
+	cmd.Args[0] = builderArg0
+	stderr := &tailBuffer{limit: stderrLimit}
+	cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = outW, stderr, []*os.File{statW}
+	// Nothing of the daemon's environment (a registry credential, say)
+	// reaches a process that reads the container's files.
+	cmd.Env = []string{}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	started, exited := make(chan error, 1), make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		exited <- cmd.Wait()
+	}()
+	err = <-started
+	// The process has its own copies (or none, if it did not start).
+	outW.Close()
+	statW.Close()
+	if err != nil {
+		outR.Close()
+		statR.Close()
+		return Blob{}, fmt.Errorf("start the layer builder: %w: %w", errdefs.ErrUnavailable, err)
+	}
+
+	statusCh := make(chan builderStatus, 1)
+	go func() {
+		defer statR.Close()
+		var last builderStatus
+		dec := json.NewDecoder(statR)
+		for {
+			var st builderStatus
+			if err := dec.Decode(&st); err != nil {
+				break // the builder's end: the last status is its outcome
+			}
+			if st.Done {
+				last = st
+				continue
+			}
+			prog.done.Store(st.Progress)
+		}
+		statusCh <- last
+	}()
+	blob := &hashWriter{w: &unfrozenWriter{ctx: ctx, w: dst, wait: prog.wait}, h: digest.SHA256.Digester()}
+	_, copyErr := io.CopyBuffer(blob, outR, make([]byte, 1<<20))
+	if copyErr != nil {
+		// Its output is no longer wanted.
+		_ = cmd.Process.Kill()
+	}
+	outR.Close() // a builder still writing gets EPIPE and ends
+	st := <-statusCh
+	exitErr := <-exited
+
+	switch {
+	case ctx.Err() != nil:
+		return Blob{}, ctx.Err()
+	case copyErr != nil:
+		return Blob{}, copyErr
+	case st.Done && st.Error != "":
+		var class error
+		for _, c := range errClasses {
+			if c.name == st.Class {
+				class = c.err
+			}
+		}
+		return Blob{}, &builderError{msg: st.Error, class: class}
+	case exitErr != nil || !st.Done:
+		msg := stderr.String()
+		if msg == "" {
+			msg = "(no message)"
+		}
+		return Blob{}, fmt.Errorf("layer builder process: %w: %v: %s", errdefs.ErrUnavailable, exitErr, msg)
+	case st.Blob.Digest != blob.h.Digest() || st.Blob.Size != blob.n:
+		return Blob{}, fmt.Errorf("layer builder: blob %s of %d bytes reported, %s of %d received", st.Blob.Digest, st.Blob.Size, blob.h.Digest(), blob.n)
+	}
+	return st.Blob, nil
+}
+
+// unfrozenWriter passes writes on to w, waiting before each one while a
+// capture holds a container frozen.
+type unfrozenWriter struct {
+	ctx  context.Context
+	w    io.Writer
+	wait waitFunc
+}
+
+func (u *unfrozenWriter) Write(b []byte) (int, error) {
+	if err := u.wait(u.ctx); err != nil {
+		return 0, err
+	}
+	return u.w.Write(b)
+}
+
+// tailBuffer keeps the last limit bytes written to it.
+type tailBuffer struct {
+	mu    sync.Mutex
+	limit int
+	buf   []byte
+}
+
+func (t *tailBuffer) Write(b []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, b...)
+	if over := len(t.buf) - t.limit; over > 0 {
+		t.buf = append(t.buf[:0], t.buf[over:]...)
+	}
+	return len(b), nil
+}
+
+func (t *tailBuffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(bytes.TrimSpace(t.buf))
+}

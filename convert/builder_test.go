@@ -1,0 +1,292 @@
+//go:build linux
+
+package convert
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/cgroups/v3"
+	"github.com/containerd/errdefs"
+
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/sched"
+	"github.com/seamless-snapshotter/seamless-snapshotter/internal/testutil"
+	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/layer"
+)
+
+func TestMain(m *testing.M) {
+	// The background class's layer builder is this test binary,
+	// re-executed.
+	MaybeRunLayerBuilder()
+	os.Exit(m.Run())
+}
+
+// testUpper makes an upper directory of n files holding about size bytes
+// in all, half of them incompressible, so that a builder's output fills
+// its pipe and it is still running when its first bytes arrive.
+func testUpper(t *testing.T, n, size int) string {
+	t.Helper()
+	upper := t.TempDir()
+	for i := range n {
+		data := layerData(uint64(i), size/n)
+		if i%2 == 0 {
+			for j := range data {
+				data[j] = byte(uint64(j*2654435761+i) >> 7)
+			}
+		}
+		if err := os.WriteFile(filepath.Join(upper, fmt.Sprintf("f%03d", i)), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return upper
+}
+
+// inspectingWriter runs inspect once, at the first write, then passes
+// writes on to w.
+type inspectingWriter struct {
+	w       io.Writer
+	inspect func()
+	done    bool
+}
+
+func (iw *inspectingWriter) Write(b []byte) (int, error) {
+	if !iw.done {
+		iw.done = true
+		iw.inspect()
+	}
+	return iw.w.Write(b)
+}
+
+func noWait(context.Context) error { return nil }
+
+// TestBuildLayerProcess: a layer built by a builder process of the
+// background class is the same blob, byte for byte, as one built in the
+// daemon, for each compression, with mtimes clamped and as the changes
+// from a previous capture; every thread of the builder runs at the
+// class's nice value and, with cgroup v1, in its cgroup; the progress
+// ends at the tar's size; and no process is left afterwards.
+func TestBuildLayerProcess(t *testing.T) {
+	testutil.RequireRoot(t) // layer.Write reads trusted.* xattrs
+	class := sched.Class{Nice: 19}
+	if cgroups.Mode() != cgroups.Unified {
+		dir, err := sched.BackgroundCgroup("seamless-convert-test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(dir) })
+		class.Cgroup = dir
+	} else {
+		t.Log("cgroup v2: the class is nice 19 only")
+	}
+	upper := testUpper(t, 24, 12<<20)
+	previous := t.TempDir()
+	if err := os.WriteFile(filepath.Join(previous, "f000"), []byte("older"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(previous, "gone"), []byte("deleted since"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	clamp := time.Unix(1_700_000_000, 0)
+	for _, tc := range []struct {
+		name string
+		c    Compression
+		opts layer.Options
+	}{
+		{"gzip", CompressionGzip, layer.Options{}},
+		{"zstd", CompressionZstd, layer.Options{ModTime: &clamp}},
+		{"none/changes", CompressionNone, layer.Options{Previous: previous}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var want bytes.Buffer
+			wantBlob, err := CompressLayer(context.Background(), &want, tc.c, 0, func(w io.Writer) error {
+				_, err := layer.Write(context.Background(), w, upper, tc.opts)
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got bytes.Buffer
+			var threads []procClass
+			dst := &inspectingWriter{w: &got, inspect: func() {
+				for _, p := range builders(t) {
+					tasks, _ := filepath.Glob(filepath.Join("/proc", strconv.Itoa(p.pid), "task", "*"))
+					for _, task := range tasks {
+						threads = append(threads, readClass(t, task))
+					}
+				}
+			}}
+			prog := newProgress(0, noWait)
+			gotBlob, err := buildLayerProcess(context.Background(), dst, upper, tc.opts, tc.c, 0, class, prog)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if gotBlob != wantBlob || !bytes.Equal(got.Bytes(), want.Bytes()) {
+				t.Errorf("blob from the builder = %+v (%d bytes); in the daemon %+v (%d bytes)", gotBlob, got.Len(), wantBlob, want.Len())
+			}
+			if done := prog.done.Load(); done > wantBlob.UncompressedSize || done < wantBlob.UncompressedSize-builderProgressStep {
+				t.Errorf("progress %d at the end; want within %d of the tar's %d", done, builderProgressStep, wantBlob.UncompressedSize)
+			}
+			if len(threads) < 2 {
+				t.Fatalf("threads of the builder at its first bytes: %+v; want its runtime's", threads)
+			}
+			for i, pc := range threads {
+				if pc.nice != class.Nice {
+					t.Errorf("builder thread %d: nice %d; want %d", i, pc.nice, class.Nice)
+				}
+				if want := "/" + filepath.Base(class.Cgroup); class.Cgroup != "" && pc.cgroup != want {
+					t.Errorf("builder thread %d: cpu cgroup %q; want %q", i, pc.cgroup, want)
+				}
+			}
+			requireNoBuilder(t)
+		})
+	}
+}
+
+// TestBuildLayerProcessFails: what the user sees when a builder cannot
+// build, dies, or its blob cannot be delivered; the error class decides
+// whether the job is tried again. No builder is left behind.
+func TestBuildLayerProcessFails(t *testing.T) {
+	testutil.RequireRoot(t)
+	class := sched.Class{Nice: 19}
+	upper := testUpper(t, 8, 8<<20)
+	wh := t.TempDir()
+	if err := os.WriteFile(filepath.Join(wh, ".wh.name"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	errBoom := errors.New("boom")
+	canceled, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, tc := range []struct {
+		name  string
+		ctx   context.Context
+		upper string
+		c     Compression
+		dst   func() io.Writer
+		check func(error) bool
+		want  string
+	}{{
+		name: "layer that no image can hold", ctx: context.Background(), upper: wh, c: CompressionGzip,
+		dst:   func() io.Writer { return io.Discard },
+		check: errdefs.IsNotImplemented, want: ".wh.",
+	}, {
+		name: "upper gone", ctx: context.Background(), upper: filepath.Join(upper, "missing"), c: CompressionGzip,
+		dst:   func() io.Writer { return io.Discard },
+		check: func(err error) bool { return err != nil && !errdefs.IsUnavailable(err) }, want: "missing",
+	}, {
+		name: "builder killed", ctx: context.Background(), upper: upper, c: CompressionZstd,
+		dst: func() io.Writer {
+			return &inspectingWriter{w: io.Discard, inspect: func() {
+				for _, p := range builders(t) {
+					syscall.Kill(p.pid, syscall.SIGKILL)
+				}
+			}}
+		},
+		check: errdefs.IsUnavailable, want: "signal: killed",
+	}, {
+		name: "destination fails", ctx: context.Background(), upper: upper, c: CompressionGzip,
+		dst:   func() io.Writer { return failWriter{errBoom} },
+		check: func(err error) bool { return errors.Is(err, errBoom) }, want: "boom",
+	}, {
+		name: "canceled", ctx: canceled, upper: upper, c: CompressionGzip,
+		dst:   func() io.Writer { return io.Discard },
+		check: func(err error) bool { return errors.Is(err, context.Canceled) }, want: "canceled",
+	}, {
+		name: "unknown compression", ctx: context.Background(), upper: upper, c: "lz4",
+		dst:   func() io.Writer { return io.Discard },
+		check: errdefs.IsInvalidArgument, want: "lz4",
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			blob, err := buildLayerProcess(tc.ctx, tc.dst(), tc.upper, layer.Options{}, tc.c, 0, class, newProgress(0, noWait))
+			if !tc.check(err) || !strings.Contains(fmt.Sprint(err), tc.want) || blob != (Blob{}) {
+				t.Fatalf("buildLayerProcess = %+v, %v; want an error of the right class that says %q", blob, err, tc.want)
+			}
+			t.Logf("error: %v", err)
+			requireNoBuilder(t)
+		})
+	}
+}
+
+// procClass is where a process or thread runs.
+type procClass struct {
+	nice   int
+	cgroup string // cpu controller, v1; "" on v2
+	pid    int
+}
+
+// builders returns this process's layer builder children.
+func builders(t *testing.T) []procClass {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []procClass
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		dir := filepath.Join("/proc", e.Name())
+		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
+		if err != nil || !bytes.HasPrefix(cmdline, []byte(builderArg0+"\x00")) {
+			continue
+		}
+		if ppid(t, dir) != os.Getpid() {
+			continue
+		}
+		pc := readClass(t, dir)
+		pc.pid = pid
+		out = append(out, pc)
+	}
+	return out
+}
+
+// requireNoBuilder fails the test if a builder child is left.
+func requireNoBuilder(t *testing.T) {
+	t.Helper()
+	if procs := builders(t); len(procs) != 0 {
+		t.Fatalf("layer builder processes left: %+v", procs)
+	}
+}
+
+// statFields are the fields of /proc/…/stat after the command name.
+func statFields(t *testing.T, dir string) []string {
+	t.Helper()
+	stat, err := os.ReadFile(filepath.Join(dir, "stat"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, _ := bytes.Cut(stat, []byte(") "))
+	return strings.Fields(string(rest))
+}
+
+func ppid(t *testing.T, dir string) int {
+	n, _ := strconv.Atoi(statFields(t, dir)[1])
+	return n
+}
+
+func readClass(t *testing.T, dir string) procClass {
+	t.Helper()
+	var pc procClass
+	pc.nice, _ = strconv.Atoi(statFields(t, dir)[16]) // field 19
+	cg, err := os.ReadFile(filepath.Join(dir, "cgroup"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(cg), "\n") {
+		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && strings.Contains(","+parts[1]+",", ",cpu,") {
+			pc.cgroup = parts[2]
+		}
+	}
+	return pc
+}
