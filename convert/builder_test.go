@@ -10,7 +10,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -116,13 +115,10 @@ func TestBuildLayerProcess(t *testing.T) {
 				t.Fatal(err)
 			}
 			var got bytes.Buffer
-			var threads []procClass
+			var threads []testutil.ProcClass
 			dst := &inspectingWriter{w: &got, inspect: func() {
 				for _, p := range builders(t) {
-					tasks, _ := filepath.Glob(filepath.Join("/proc", strconv.Itoa(p.pid), "task", "*"))
-					for _, task := range tasks {
-						threads = append(threads, readClass(t, task))
-					}
+					threads = append(threads, testutil.Threads(t, p.Pid)...)
 				}
 			}}
 			prog := newProgress(0, noWait)
@@ -139,12 +135,12 @@ func TestBuildLayerProcess(t *testing.T) {
 			if len(threads) < 2 {
 				t.Fatalf("threads of the builder at its first bytes: %+v; want its runtime's", threads)
 			}
-			for i, pc := range threads {
-				if pc.nice != class.Nice {
-					t.Errorf("builder thread %d: nice %d; want %d", i, pc.nice, class.Nice)
+			for _, pc := range threads {
+				if pc.Nice != class.Nice {
+					t.Errorf("builder thread %d: nice %d; want %d", pc.Pid, pc.Nice, class.Nice)
 				}
-				if want := "/" + filepath.Base(class.Cgroup); class.Cgroup != "" && pc.cgroup != want {
-					t.Errorf("builder thread %d: cpu cgroup %q; want %q", i, pc.cgroup, want)
+				if want := "/" + filepath.Base(class.Cgroup); class.Cgroup != "" && pc.Cgroup != want {
+					t.Errorf("builder thread %d: cpu cgroup %q; want %q", pc.Pid, pc.Cgroup, want)
 				}
 			}
 			requireNoBuilder(t)
@@ -187,7 +183,7 @@ func TestBuildLayerProcessFails(t *testing.T) {
 		dst: func() io.Writer {
 			return &inspectingWriter{w: io.Discard, inspect: func() {
 				for _, p := range builders(t) {
-					syscall.Kill(p.pid, syscall.SIGKILL)
+					syscall.Kill(p.Pid, syscall.SIGKILL)
 				}
 			}}
 		},
@@ -216,39 +212,10 @@ func TestBuildLayerProcessFails(t *testing.T) {
 	}
 }
 
-// procClass is where a process or thread runs.
-type procClass struct {
-	nice   int
-	cgroup string // cpu controller, v1; "" on v2
-	pid    int
-}
-
 // builders returns this process's layer builder children.
-func builders(t *testing.T) []procClass {
+func builders(t *testing.T) []testutil.ProcClass {
 	t.Helper()
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []procClass
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		dir := filepath.Join("/proc", e.Name())
-		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
-		if err != nil || !bytes.HasPrefix(cmdline, []byte(builderArg0+"\x00")) {
-			continue
-		}
-		if ppid(t, dir) != os.Getpid() {
-			continue
-		}
-		pc := readClass(t, dir)
-		pc.pid = pid
-		out = append(out, pc)
-	}
-	return out
+	return testutil.Children(t, os.Getpid(), builderArg0)
 }
 
 // requireNoBuilder fails the test if a builder child is left.
@@ -257,36 +224,4 @@ func requireNoBuilder(t *testing.T) {
 	if procs := builders(t); len(procs) != 0 {
 		t.Fatalf("layer builder processes left: %+v", procs)
 	}
-}
-
-// statFields are the fields of /proc/…/stat after the command name.
-func statFields(t *testing.T, dir string) []string {
-	t.Helper()
-	stat, err := os.ReadFile(filepath.Join(dir, "stat"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, rest, _ := bytes.Cut(stat, []byte(") "))
-	return strings.Fields(string(rest))
-}
-
-func ppid(t *testing.T, dir string) int {
-	n, _ := strconv.Atoi(statFields(t, dir)[1])
-	return n
-}
-
-func readClass(t *testing.T, dir string) procClass {
-	t.Helper()
-	var pc procClass
-	pc.nice, _ = strconv.Atoi(statFields(t, dir)[16]) // field 19
-	cg, err := os.ReadFile(filepath.Join(dir, "cgroup"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(cg), "\n") {
-		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && strings.Contains(","+parts[1]+",", ",cpu,") {
-			pc.cgroup = parts[2]
-		}
-	}
-	return pc
 }

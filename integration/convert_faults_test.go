@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,7 +14,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -166,19 +164,19 @@ func TestConvertFaults(t *testing.T) {
 		rec := postCommit(ctx, t, apic, id, proxy.Ref(repo+":"+tag))
 		// The layer streams to the registry while it is built: held by
 		// the proxy, the builder process is under way.
-		var procs []builderProc
+		var procs []testutil.ProcClass
 		// Progress comes from the builder, which joins its class before
 		// it reads anything.
 		pollCommit(ctx, t, apic, rec.ID, "building its layer in a builder process", true, func(r api.Commit) bool {
-			procs = daemonBuilders(t, env.Daemon.Pid())
+			procs = testutil.Children(t, env.Daemon.Pid(), "seamless-layer-builder")
 			return r.State == snapshotter.StateConverting && r.Progress.Done > 0 && len(procs) > 0
 		})
 		proxy.SetRate(holdRate)
 		// The daemon's default class: nice 19 and, with cgroup v1, the
 		// idle cgroup at the top of the cpu hierarchy.
 		for _, p := range procs {
-			if p.nice != 19 || (p.cgroup != "" && p.cgroup != "/seamless-background") {
-				t.Errorf("layer builder %d: nice %d, cpu cgroup %q; want 19, /seamless-background (cgroup v1) or none (v2)", p.pid, p.nice, p.cgroup)
+			if p.Nice != 19 || (p.Cgroup != "" && p.Cgroup != "/seamless-background") {
+				t.Errorf("layer builder %d: nice %d, cpu cgroup %q; want 19, /seamless-background (cgroup v1) or none (v2)", p.Pid, p.Nice, p.Cgroup)
 			}
 		}
 		if err := env.Daemon.Kill(); err != nil {
@@ -187,7 +185,7 @@ func TestConvertFaults(t *testing.T) {
 		// The kernel kills the builder with its parent.
 		if err := harness.WaitFor(ctx, 20*time.Millisecond, func(context.Context) (bool, error) {
 			for _, p := range procs {
-				if err := unix.Kill(p.pid, 0); err == nil {
+				if err := unix.Kill(p.Pid, 0); err == nil {
 					return false, nil
 				}
 			}
@@ -645,54 +643,4 @@ func (p *slowProxy) close() {
 	p.conns = nil
 	p.mu.Unlock()
 	p.wg.Wait()
-}
-
-// builderProc is a layer builder process of the daemon: its pid,
-// nice value and cpu cgroup (cgroup v1; "" on v2).
-type builderProc struct {
-	pid, nice int
-	cgroup    string
-}
-
-// daemonBuilders returns the daemon's layer builder processes.
-func daemonBuilders(t *testing.T, daemonPid int) []builderProc {
-	t.Helper()
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []builderProc
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		dir := filepath.Join("/proc", e.Name())
-		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
-		if err != nil || !bytes.HasPrefix(cmdline, []byte("seamless-layer-builder\x00")) {
-			continue
-		}
-		stat, err := os.ReadFile(filepath.Join(dir, "stat"))
-		if err != nil {
-			continue
-		}
-		_, rest, _ := bytes.Cut(stat, []byte(") "))
-		f := strings.Fields(string(rest))
-		if len(f) < 17 {
-			continue
-		}
-		if ppid, _ := strconv.Atoi(f[1]); ppid != daemonPid {
-			continue
-		}
-		p := builderProc{pid: pid}
-		p.nice, _ = strconv.Atoi(f[16])
-		cg, _ := os.ReadFile(filepath.Join(dir, "cgroup"))
-		for _, line := range strings.Split(string(cg), "\n") {
-			if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && strings.Contains(","+parts[1]+",", ",cpu,") {
-				p.cgroup = parts[2]
-			}
-		}
-		out = append(out, p)
-	}
-	return out
 }
