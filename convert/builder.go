@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
@@ -49,6 +50,10 @@ type builderStatus struct {
 	Progress int64 `json:"progress,omitempty"`
 	Done     bool  `json:"done,omitempty"`
 	Blob     Blob  `json:"blob"`
+	// DiskBytes is the disk space the upper's files use (the commit's
+	// CaptureDiskBytes), measured here rather than by a walk in the
+	// daemon; 0 when unknown.
+	DiskBytes int64 `json:"disk_bytes,omitempty"`
 	// Error and Class (the errdefs class, for the job's retry decision)
 	// say why the layer could not be built.
 	Error string `json:"error,omitempty"`
@@ -108,6 +113,10 @@ func runLayerBuilder(args []string, out, status io.Writer) error {
 		err = bw.Flush()
 	}
 	res := builderStatus{Done: true, Blob: blob}
+	if err == nil {
+		// After the layer, which has just read the same metadata.
+		res.DiskBytes = diskUsage(context.Background(), fs.Arg(0))
+	}
 	if err != nil {
 		res = builderStatus{Done: true, Error: err.Error(), Class: errClass(err)}
 	}
@@ -167,33 +176,35 @@ func (e *builderError) Unwrap() error { return e.class }
 // buildLayerProcess writes the layer of upper (see layer.Write), compressed
 // with c at level, to dst, building it in a process of class bg: reading
 // the files, the tar, its digest and the compression, most of a
-// conversion's CPU time, run there. A daemon thread of the background
+// conversion's CPU time, run there, and so does the walk that measures
+// the disk space upper's files use (diskBytes; 0 when unknown). A daemon thread of the background
 // class could not do it (see sched.Class.EnterProcess), and the
 // compressor's goroutines cannot be placed one by one. The daemon only
 // passes the blob on to dst (hashing it again: the digest it records is
 // its own), steps aside while a container is frozen, and counts the tar's
 // progress in prog.
 //
-// The process enters bg itself, first thing. The thread that starts it
-// waits for it, because the kernel sends a child's parent-death signal
+// The daemon moves the process into bg as soon as it starts, and the
+// process enters bg again itself, first thing (for threads made in
+// between). The thread that starts it waits for it, because the kernel sends a child's parent-death signal
 // when the thread that forked it ends, and that signal is what ends the
 // builder if the daemon dies.
-func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, bg sched.Class, prog *progress) (Blob, error) {
+func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, bg sched.Class, prog *progress) (_ Blob, diskBytes int64, _ error) {
 	if err := validateCompression(c, level); err != nil {
-		return Blob{}, err
+		return Blob{}, 0, err
 	}
 	if err := ctx.Err(); err != nil {
-		return Blob{}, err
+		return Blob{}, 0, err
 	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
-		return Blob{}, fmt.Errorf("builder pipe: %w", err)
+		return Blob{}, 0, fmt.Errorf("builder pipe: %w", err)
 	}
 	statR, statW, err := os.Pipe()
 	if err != nil {
 		outR.Close()
 		outW.Close()
-		return Blob{}, fmt.Errorf("builder pipe: %w", err)
+		return Blob{}, 0, fmt.Errorf("builder pipe: %w", err)
 	}
 	// A larger pipe than the default 64 KiB: fewer switches between the
 	// builder and the daemon. Best effort (the limit is
@@ -222,6 +233,11 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 			started <- err
 			return
 		}
+		// At once: the runtime's start-up in the builder, before its
+		// main moves itself, would run at the daemon's priority.
+		if err := bg.MoveProcess(cmd.Process.Pid); err != nil {
+			log.G(ctx).WithError(err).Warn("the layer builder runs at a higher priority than its background class")
+		}
 		started <- nil
 		exited <- cmd.Wait()
 	}()
@@ -232,7 +248,7 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 	if err != nil {
 		outR.Close()
 		statR.Close()
-		return Blob{}, fmt.Errorf("start the layer builder: %w: %w", errdefs.ErrUnavailable, err)
+		return Blob{}, 0, fmt.Errorf("start the layer builder: %w: %w", errdefs.ErrUnavailable, err)
 	}
 
 	statusCh := make(chan builderStatus, 1)
@@ -265,9 +281,9 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 
 	switch {
 	case ctx.Err() != nil:
-		return Blob{}, ctx.Err()
+		return Blob{}, 0, ctx.Err()
 	case copyErr != nil:
-		return Blob{}, copyErr
+		return Blob{}, 0, copyErr
 	case st.Done && st.Error != "":
 		var class error
 		for _, c := range errClasses {
@@ -275,17 +291,17 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 				class = c.err
 			}
 		}
-		return Blob{}, &builderError{msg: st.Error, class: class}
+		return Blob{}, 0, &builderError{msg: st.Error, class: class}
 	case exitErr != nil || !st.Done:
 		msg := stderr.String()
 		if msg == "" {
 			msg = "(no message)"
 		}
-		return Blob{}, fmt.Errorf("layer builder process: %w: %v: %s", errdefs.ErrUnavailable, exitErr, msg)
+		return Blob{}, 0, fmt.Errorf("layer builder process: %w: %v: %s", errdefs.ErrUnavailable, exitErr, msg)
 	case st.Blob.Digest != blob.h.Digest() || st.Blob.Size != blob.n:
-		return Blob{}, fmt.Errorf("layer builder: blob %s of %d bytes reported, %s of %d received", st.Blob.Digest, st.Blob.Size, blob.h.Digest(), blob.n)
+		return Blob{}, 0, fmt.Errorf("layer builder: blob %s of %d bytes reported, %s of %d received", st.Blob.Digest, st.Blob.Size, blob.h.Digest(), blob.n)
 	}
-	return st.Blob, nil
+	return st.Blob, st.DiskBytes, nil
 }
 
 // unfrozenWriter passes writes on to w, waiting before each one while a

@@ -122,12 +122,15 @@ func TestBuildLayerProcess(t *testing.T) {
 				}
 			}}
 			prog := newProgress(0, noWait)
-			gotBlob, err := buildLayerProcess(context.Background(), dst, upper, tc.opts, tc.c, 0, class, prog)
+			gotBlob, diskBytes, err := buildLayerProcess(context.Background(), dst, upper, tc.opts, tc.c, 0, class, prog)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if gotBlob != wantBlob || !bytes.Equal(got.Bytes(), want.Bytes()) {
 				t.Errorf("blob from the builder = %+v (%d bytes); in the daemon %+v (%d bytes)", gotBlob, got.Len(), wantBlob, want.Len())
+			}
+			if wantDisk := diskUsage(context.Background(), upper); diskBytes != wantDisk || diskBytes == 0 {
+				t.Errorf("disk usage from the builder = %d; a walk in the daemon finds %d", diskBytes, wantDisk)
 			}
 			if done := prog.done.Load(); done > wantBlob.UncompressedSize || done < wantBlob.UncompressedSize-builderProgressStep {
 				t.Errorf("progress %d at the end; want within %d of the tar's %d", done, builderProgressStep, wantBlob.UncompressedSize)
@@ -202,7 +205,7 @@ func TestBuildLayerProcessFails(t *testing.T) {
 		check: errdefs.IsInvalidArgument, want: "lz4",
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
-			blob, err := buildLayerProcess(tc.ctx, tc.dst(), tc.upper, layer.Options{}, tc.c, 0, class, newProgress(0, noWait))
+			blob, _, err := buildLayerProcess(tc.ctx, tc.dst(), tc.upper, layer.Options{}, tc.c, 0, class, newProgress(0, noWait))
 			if !tc.check(err) || !strings.Contains(fmt.Sprint(err), tc.want) || blob != (Blob{}) {
 				t.Fatalf("buildLayerProcess = %+v, %v; want an error of the right class that says %q", blob, err, tc.want)
 			}

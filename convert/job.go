@@ -55,8 +55,12 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 		return c, err
 	}
 	// Walked outside the transaction, which holds the database's lock.
+	// A layer builder walks it instead (buildLayer): a walk of a fresh
+	// capture is tens of milliseconds of system time, which in the
+	// daemon would run at the containers' priority right after the
+	// capture.
 	used := c.CaptureDiskBytes
-	if used == 0 {
+	if used == 0 && cv.background == nil {
 		used = diskUsage(ctx, cv.store.CaptureUpper(c.ID))
 	}
 	if c, err = cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
@@ -285,10 +289,13 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 		}
 	}
 	buf := bufio.NewWriterSize(dst, 1<<20)
-	var blob Blob
-	var err error
+	var (
+		blob      Blob
+		diskBytes int64
+		err       error
+	)
 	if cv.background != nil {
-		blob, err = buildLayerProcess(ctx, buf, cv.store.CaptureUpper(c.ID), opts, comp, level, *cv.background, prog)
+		blob, diskBytes, err = buildLayerProcess(ctx, buf, cv.store.CaptureUpper(c.ID), opts, comp, level, *cv.background, prog)
 	} else {
 		blob, err = CompressLayer(ctx, buf, comp, level, func(tw io.Writer) error {
 			_, err := layer.Write(ctx, prog.writer(ctx, tw), cv.store.CaptureUpper(c.ID), opts)
@@ -340,6 +347,14 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 			cancel()
 		}
 		return snapshotter.Layer{}, 0, layerErr(err)
+	}
+	if diskBytes > 0 && c.CaptureDiskBytes == 0 {
+		if _, err := cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
+			r.CaptureDiskBytes = diskBytes
+			return nil
+		}); err != nil {
+			log.G(ctx).WithError(err).Warn("cannot record the capture's disk usage")
+		}
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"digest": blob.Digest, "size": blob.Size, "uncompressed": blob.UncompressedSize,

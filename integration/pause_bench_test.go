@@ -240,11 +240,7 @@ func startPauseBench(b *testing.B) *pauseBench {
 	if fstype := os.Getenv("SEAMLESS_BENCH_FS"); fstype != "" {
 		opts.Daemon.Root = filepath.Join(testutil.LoopFS(b, fstype, 16<<30), "seamless")
 	}
-	// SEAMLESS_BENCH_BACKGROUND_BUILD=1 builds layers in processes of the
-	// background class ([convert] background_build).
-	if os.Getenv("SEAMLESS_BENCH_BACKGROUND_BUILD") == "1" {
-		opts.Daemon.ConfigFile = daemonConfig(b, "[convert]\nbackground_build = true\n")
-	}
+	opts.Daemon.ConfigFile = benchDaemonConfig(b)
 	env := harness.Start(b, opts)
 	img, err := testimage.Build(testimage.WithExtraFiles(map[string][]byte{"/bin/probe": probe}))
 	if err != nil {
@@ -413,6 +409,21 @@ func (pb *pauseBench) seamlessCommit(b *testing.B, c *probeContainer, i int) flo
 		b.Fatalf("commit answer %s: %v", data, err)
 	}
 	return rec.PauseMillis
+}
+
+// benchDaemonConfig is the daemon's configuration file for a benchmark:
+// SEAMLESS_BENCH_BACKGROUND_BUILD=1 or 0 sets [convert] background_build
+// (where layers are built); unset, the daemon's default ("": none).
+func benchDaemonConfig(tb testing.TB) string {
+	switch v := os.Getenv("SEAMLESS_BENCH_BACKGROUND_BUILD"); v {
+	case "":
+		return ""
+	case "0", "1":
+		return daemonConfig(tb, fmt.Sprintf("[convert]\nbackground_build = %t\n", v == "1"))
+	default:
+		tb.Fatalf("SEAMLESS_BENCH_BACKGROUND_BUILD=%q: want 0 or 1", v)
+		return ""
+	}
 }
 
 // monotonic reads CLOCK_MONOTONIC in ns, the clock of the probe's gaps.

@@ -172,6 +172,7 @@ func startPublishBench(b *testing.B) *publishBench {
 	if fstype := os.Getenv("SEAMLESS_BENCH_FS"); fstype != "" {
 		opts.Daemon.Root = filepath.Join(testutil.LoopFS(b, fstype, 16<<30), "seamless")
 	}
+	opts.Daemon.ConfigFile = benchDaemonConfig(b)
 	env := harness.Start(b, opts)
 	pb := &publishBench{ctx: ctx, env: env, api: newAPIClient(env)}
 	var err error

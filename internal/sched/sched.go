@@ -66,41 +66,60 @@ func (c Class) Enter() error {
 
 var errMainThread = errors.New("sched: the main thread keeps its priority")
 
-// EnterProcess runs the whole calling process in class c: a helper
-// process of the daemon's (the layer compressor) calls it first thing.
-// Every thread it has gets c's nice value, and the threads it makes later
-// inherit it from the one that makes them; with cgroup v1, the process
-// joins c's cgroup (cgroup.procs moves every thread). Whatever fails, the
-// process still runs, at the priority it could get.
+// EnterProcess runs the whole calling process in class c (MoveProcess
+// of itself): a helper process of the daemon's (the layer builder) calls
+// it first thing, to cover threads its parent's MoveProcess missed.
 //
 // A daemon thread of the background class that the kernel starves while
 // it runs Go code keeps its P from the rest of the daemon (and from a
 // stop-the-world) until it runs again; a process of its own starves
 // alone. Hence CPU-heavy background work goes into a helper process.
 func (c Class) EnterProcess() error {
+	return c.MoveProcess(os.Getpid())
+}
+
+// MoveProcess runs process pid, every thread it has, in class c. The
+// threads it makes later inherit c's nice value from the one that makes
+// them; with cgroup v1, the process joins c's cgroup (cgroup.procs moves
+// every thread, and the threads made later follow). The daemon moves a
+// helper it started as soon as it runs: the Go runtime's start-up of the
+// daemon's own binary costs a helper tens of milliseconds of CPU before
+// its main could move itself, and that, at the daemon's priority, is
+// what a container beside it would feel. Whatever fails, the process
+// still runs, at the priority it could get.
+func (c Class) MoveProcess(pid int) error {
 	var errs []error
+	if c.Nice > 0 {
+		// The nice values first: setting them is quicker than a cgroup
+		// migration, which waits for an RCU grace period.
+		errs = append(errs, c.niceThreads(pid))
+	}
 	if c.Cgroup != "" {
-		if err := os.WriteFile(filepath.Join(c.Cgroup, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
-			errs = append(errs, fmt.Errorf("join cgroup %s: %w", c.Cgroup, err))
+		if err := os.WriteFile(filepath.Join(c.Cgroup, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			errs = append(errs, fmt.Errorf("move process %d to cgroup %s: %w", pid, c.Cgroup, err))
 		}
 	}
 	if c.Nice > 0 {
-		// Twice: the runtime may make a thread while the first pass runs.
-		for range 2 {
-			tasks, err := os.ReadDir("/proc/self/task")
-			if err != nil {
-				errs = append(errs, fmt.Errorf("list threads: %w", err))
-				break
-			}
-			for _, t := range tasks {
-				tid, err := strconv.Atoi(t.Name())
-				if err != nil {
-					continue
-				}
-				if err := unix.Setpriority(unix.PRIO_PROCESS, tid, c.Nice); err != nil && !errors.Is(err, unix.ESRCH) {
-					errs = append(errs, fmt.Errorf("set nice %d of thread %d: %w", c.Nice, tid, err))
-				}
-			}
+		// Twice: a thread made by one not yet reniced was missed.
+		errs = append(errs, c.niceThreads(pid))
+	}
+	return errors.Join(errs...)
+}
+
+// niceThreads sets c's nice value on every thread process pid has now.
+func (c Class) niceThreads(pid int) error {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return fmt.Errorf("list the threads of process %d: %w", pid, err)
+	}
+	var errs []error
+	for _, t := range tasks {
+		tid, err := strconv.Atoi(t.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, c.Nice); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("set nice %d of thread %d: %w", c.Nice, tid, err))
 		}
 	}
 	return errors.Join(errs...)

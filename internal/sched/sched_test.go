@@ -3,9 +3,12 @@
 package sched
 
 import (
+	"bufio"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -78,6 +81,98 @@ func TestBackgroundClass(t *testing.T) {
 		if time.Now().After(deadline) {
 			tasks, _ := os.ReadFile(filepath.Join(dir, "tasks"))
 			t.Fatalf("the background cgroup still holds threads %q after their goroutine ended", tasks)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// threadsHelperEnv makes the test binary a process of several threads
+// that waits for its standard input to close: what TestMoveProcess moves.
+const threadsHelperEnv = "SEAMLESS_SCHED_TEST_THREADS"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(threadsHelperEnv) == "1" {
+		for range 3 {
+			go func() {
+				runtime.LockOSThread()
+				select {}
+			}()
+		}
+		os.Stdout.WriteString("ready\n")
+		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestMoveProcess(t *testing.T) {
+	testutil.RequireRoot(t)
+	class, want := Class{Nice: 19}, ""
+	if cgroups.Mode() != cgroups.Unified {
+		dir, err := BackgroundCgroup("seamless-sched-move-test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { removeCgroup(t, dir) })
+		class.Cgroup, want = dir, "/seamless-sched-move-test"
+	}
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), threadsHelperEnv+"=1")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		stdin.Close()
+		_ = cmd.Wait()
+	})
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("helper: %q, %v", line, err)
+	}
+	own := testutil.Threads(t, os.Getpid())[0]
+	if own.Nice == 19 {
+		t.Fatal("the test runs at nice 19: a move to nice 19 would not show")
+	}
+	before := testutil.Threads(t, cmd.Process.Pid)
+	if len(before) < 4 || before[0].Nice != own.Nice {
+		t.Fatalf("helper threads before the move: %+v; want at least 4 at nice %d", before, own.Nice)
+	}
+
+	if err := class.MoveProcess(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	for _, th := range testutil.Threads(t, cmd.Process.Pid) {
+		if th.Nice != 19 || (want != "" && th.Cgroup != want) {
+			t.Errorf("thread %d after the move: nice %d, cpu cgroup %q; want 19, %q", th.Pid, th.Nice, th.Cgroup, want)
+		}
+	}
+	// The mover itself keeps its class.
+	for _, th := range testutil.Threads(t, os.Getpid()) {
+		if th.Nice != own.Nice || th.Cgroup != own.Cgroup {
+			t.Errorf("test thread %d: nice %d, cpu cgroup %q; want its own class", th.Pid, th.Nice, th.Cgroup)
+		}
+	}
+
+	if err := class.MoveProcess(1 << 30); err == nil {
+		t.Error("MoveProcess of a process that does not exist succeeded")
+	}
+}
+
+// removeCgroup removes cgroup dir once the processes in it have ended.
+func removeCgroup(t *testing.T, dir string) {
+	deadline := time.Now().Add(5 * time.Second)
+	for os.Remove(dir) != nil {
+		if time.Now().After(deadline) {
+			procs, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+			t.Errorf("cgroup %s still holds processes %q", dir, procs)
+			return
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
