@@ -142,13 +142,15 @@ type Convert struct {
 	// containerd's content store. Off, a layer is streamed to the registry
 	// only, and later commits of the container take it from there.
 	KeepPushedLayers bool `toml:"keep_pushed_layers"`
-	// BackgroundBuild builds each layer (reading the capture, tar,
-	// digest, compression) in a process of the background class
+	// BackgroundBuild (the default) builds each layer (reading the
+	// capture, tar, digest, compression, and the walk that measures the
+	// capture's disk usage) in a process of the background class
 	// ([commit] precopy_nice and background_cgroup), which only gets the
-	// CPU the containers leave: the containers see less of a conversion,
-	// and images are published later (docs/benchmarks.md: 22% later for
-	// a 1 GiB layer on 2 vCPUs). Off, layers are built in the daemon, at
-	// its priority.
+	// CPU the containers leave: the containers barely see a conversion,
+	// and images are published later (docs/benchmarks.md: about 20%
+	// later for a 1 GiB layer on 2 vCPUs; much later on a host whose
+	// containers keep every CPU busy). Off, layers are built in the
+	// daemon, at its priority.
 	BackgroundBuild bool `toml:"background_build"`
 }
 
@@ -202,6 +204,7 @@ func DefaultConvert() Convert {
 		ContainerdAddress: "/run/containerd/containerd.sock",
 		SnapshotterName:   "seamless",
 		HostsDir:          "/etc/containerd/certs.d",
+		BackgroundBuild:   true,
 	}
 }
 

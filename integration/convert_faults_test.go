@@ -40,7 +40,8 @@ const (
 	// faultsConfig retries fast, so that an outage of seconds costs
 	// seconds, and often enough to outlast it; one worker, so that a
 	// commit can be held in the queue behind a running one; layers built
-	// in builder processes, whose faults these are too.
+	// in builder processes (the default, said here because these are
+	// its faults too).
 	faultsConfig = `[convert]
 workers = 1
 retry_initial = "200ms"
@@ -205,6 +206,9 @@ func TestConvertFaults(t *testing.T) {
 		apic = newAPIClient(env)
 		rec = waitEnd(ctx, t, apic, rec.ID)
 		requireDone(t, rec)
+		if rec.CaptureDiskBytes == 0 {
+			t.Errorf("commit %s records no disk usage of its capture; the layer builder measures it", rec.ID)
+		}
 		checkPublished(ctx, t, env, c, baseRef, rec)
 		checkRegistryImage(ctx, t, env.Registry, repo, tag, rec.ImageDigest)
 		assertWriterRuns(ctx, t, env, c, id)

@@ -234,12 +234,14 @@ func daemonConfig(t testing.TB, toml string) string {
 // Layers alternate gzip and zstd; the base is a Docker v2 image, so the
 // zstd commits' manifests become OCI. No layer is kept in containerd's
 // content store: commit 3 goes to another repository, and the registry
-// mounts the earlier layers there from the first one.
+// mounts the earlier layers there from the first one. The layers are
+// built in the daemon (background_build = false), the path every other
+// integration test leaves aside.
 func TestIncrementalCommits(t *testing.T) {
 	harness.Require(t)
 	ctx := testContext(t)
 	env := harness.Start(t, harness.Options{Daemon: harness.DaemonOptions{
-		ConfigFile: daemonConfig(t, "[convert]\nmax_layers = 3\n"),
+		ConfigFile: daemonConfig(t, "[convert]\nmax_layers = 3\nbackground_build = false\n"),
 	}})
 	c := client(ctx, t, env)
 	id, baseRef := startWriterFrom(ctx, t, env, "seamless-test/docker-base:1", testimage.WithMediaType(false))
