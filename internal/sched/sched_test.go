@@ -6,7 +6,6 @@ import (
 	"bufio"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -116,39 +115,20 @@ func TestMoveProcess(t *testing.T) {
 		t.Cleanup(func() { removeCgroup(t, dir) })
 		class.Cgroup, want = dir, "/seamless-sched-move-test"
 	}
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), threadsHelperEnv+"=1")
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		stdin.Close()
-		_ = cmd.Wait()
-	})
-	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
-		t.Fatalf("helper: %q, %v", line, err)
-	}
+	pid := testutil.StartHelper(t, threadsHelperEnv+"=1")
 	own := testutil.Threads(t, os.Getpid())[0]
 	if own.Nice == 19 {
 		t.Fatal("the test runs at nice 19: a move to nice 19 would not show")
 	}
-	before := testutil.Threads(t, cmd.Process.Pid)
+	before := testutil.Threads(t, pid)
 	if len(before) < 4 || before[0].Nice != own.Nice {
 		t.Fatalf("helper threads before the move: %+v; want at least 4 at nice %d", before, own.Nice)
 	}
 
-	if err := class.MoveProcess(cmd.Process.Pid); err != nil {
+	if err := class.MoveProcess(pid); err != nil {
 		t.Fatal(err)
 	}
-	for _, th := range testutil.Threads(t, cmd.Process.Pid) {
+	for _, th := range testutil.Threads(t, pid) {
 		if th.Nice != 19 || (want != "" && th.Cgroup != want) {
 			t.Errorf("thread %d after the move: nice %d, cpu cgroup %q; want 19, %q", th.Pid, th.Nice, th.Cgroup, want)
 		}

@@ -1,8 +1,10 @@
 package testutil
 
 import (
+	"bufio"
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -89,4 +91,36 @@ func readProc(dir string) (pc ProcClass, ppid int, ok bool) {
 		}
 	}
 	return pc, ppid, true
+}
+
+// StartHelper runs the test binary again, with env added to its
+// environment and no test selected, so that its TestMain acts as a helper
+// process; it returns once the helper has written "ready\n" on its
+// standard output. The helper's standard input closes, and the helper is
+// killed and waited for, when the test ends.
+func StartHelper(tb testing.TB, env ...string) int {
+	tb.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		stdin.Close()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
+		tb.Fatalf("helper %v did not get ready: %q, %v", env, line, err)
+	}
+	return cmd.Process.Pid
 }

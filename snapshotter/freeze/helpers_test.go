@@ -3,7 +3,6 @@
 package freeze
 
 import (
-	"bufio"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -164,30 +163,7 @@ func pivotRoot(dir string) error {
 // startMmapHelper runs the mmap helper with env and waits until it is ready.
 func startMmapHelper(t *testing.T, env ...string) int {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), append([]string{helperEnv + "=mmap"}, env...)...)
-	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		stdin.Close()
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil || line != "ready\n" {
-		t.Fatalf("mmap helper did not get ready: %q, %v", line, err)
-	}
-	return cmd.Process.Pid
+	return testutil.StartHelper(t, append([]string{helperEnv + "=mmap"}, env...)...)
 }
 
 func randomName(prefix string) string {
