@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -41,6 +42,12 @@ const (
 	// stderrLimit bounds what is kept of a builder's standard error: its
 	// last words, for the error of a failed job.
 	stderrLimit = 4 << 10
+	// builderStarvedAfter is how long a builder may go without a report
+	// before the daemon takes it out of the background class. On a host
+	// whose containers keep every CPU busy, that class gets next to
+	// nothing, and the image must still be published; a builder that
+	// reports reads and compresses at least a MiB in that time.
+	builderStarvedAfter = 10 * time.Second
 )
 
 // builderStatus is a line a builder writes on its status pipe (fd 3):
@@ -189,7 +196,11 @@ func (e *builderError) Unwrap() error { return e.class }
 // between). The thread that starts it waits for it, because the kernel sends a child's parent-death signal
 // when the thread that forked it ends, and that signal is what ends the
 // builder if the daemon dies.
-func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, bg sched.Class, prog *progress) (_ Blob, diskBytes int64, _ error) {
+//
+// A builder that reports nothing for starvedAfter (builderStarvedAfter)
+// is starved: the daemon moves it to its own priority for the rest of
+// its work.
+func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, bg sched.Class, prog *progress, starvedAfter time.Duration) (_ Blob, diskBytes int64, _ error) {
 	if err := validateCompression(c, level); err != nil {
 		return Blob{}, 0, err
 	}
@@ -251,6 +262,14 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 		return Blob{}, 0, fmt.Errorf("start the layer builder: %w: %w", errdefs.ErrUnavailable, err)
 	}
 
+	var reported atomic.Int64 // when the builder last reported, in Unix ns
+	reported.Store(time.Now().UnixNano())
+	stopWatch := make(chan struct{})
+	defer close(stopWatch)
+	if bg != (sched.Class{}) {
+		go watchStarved(ctx, cmd.Process.Pid, bg, starvedAfter, &reported, stopWatch)
+	}
+
 	statusCh := make(chan builderStatus, 1)
 	go func() {
 		defer statR.Close()
@@ -261,6 +280,7 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 			if err := dec.Decode(&st); err != nil {
 				break // the builder's end: the last status is its outcome
 			}
+			reported.Store(time.Now().UnixNano())
 			if st.Done {
 				last = st
 				continue
@@ -302,6 +322,32 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 		return Blob{}, 0, fmt.Errorf("layer builder: blob %s of %d bytes reported, %s of %d received", st.Blob.Digest, st.Blob.Size, blob.h.Digest(), blob.n)
 	}
 	return st.Blob, st.DiskBytes, nil
+}
+
+// watchStarved takes builder pid out of class bg whenever it has not
+// reported for starvedAfter, until stop closes. Once is enough, unless the
+// builder was starved before it entered bg itself.
+func watchStarved(ctx context.Context, pid int, bg sched.Class, starvedAfter time.Duration, reported *atomic.Int64, stop <-chan struct{}) {
+	tick := time.NewTicker(starvedAfter / 4)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		if time.Since(time.Unix(0, reported.Load())) < starvedAfter {
+			continue
+		}
+		reported.Store(time.Now().UnixNano())
+		if err := bg.LeaveProcess(pid); err != nil {
+			if !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ESRCH) {
+				log.G(ctx).WithError(err).Warn("cannot take a starved layer builder out of the background class")
+			}
+			continue
+		}
+		log.G(ctx).WithField("pid", pid).Infof("the layer builder reported nothing for %s: it goes on at the daemon's priority", starvedAfter)
+	}
 }
 
 // unfrozenWriter passes writes on to w, waiting before each one while a

@@ -122,7 +122,7 @@ func TestBuildLayerProcess(t *testing.T) {
 				}
 			}}
 			prog := newProgress(0, noWait)
-			gotBlob, diskBytes, err := buildLayerProcess(context.Background(), dst, upper, tc.opts, tc.c, 0, class, prog)
+			gotBlob, diskBytes, err := buildLayerProcess(context.Background(), dst, upper, tc.opts, tc.c, 0, class, prog, builderStarvedAfter)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -149,6 +149,82 @@ func TestBuildLayerProcess(t *testing.T) {
 			requireNoBuilder(t)
 		})
 	}
+}
+
+// TestBuildLayerProcessStarved: a builder that reports nothing for the
+// starvation period (here stopped, as the idle class is on a host whose
+// containers keep every CPU busy) is taken out of its class, at the
+// daemon's priority, and its layer still comes out whole.
+func TestBuildLayerProcessStarved(t *testing.T) {
+	testutil.RequireRoot(t)
+	class := sched.Class{Nice: 19}
+	if cgroups.Mode() != cgroups.Unified {
+		dir, err := sched.BackgroundCgroup("seamless-convert-starved-test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(dir) })
+		class.Cgroup = dir
+	}
+	own := testutil.Threads(t, os.Getpid())[0]
+	upper := testUpper(t, 8, 4<<20)
+	var want bytes.Buffer
+	wantBlob, err := CompressLayer(context.Background(), &want, CompressionGzip, 0, func(w io.Writer) error {
+		_, err := layer.Write(context.Background(), w, upper, layer.Options{})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	type result struct {
+		blob Blob
+		err  error
+	}
+	done := make(chan result, 1)
+	var got bytes.Buffer
+	go func() {
+		blob, _, err := buildLayerProcess(context.Background(), &got, upper, layer.Options{}, CompressionGzip, 0, class, newProgress(0, noWait), 300*time.Millisecond)
+		done <- result{blob, err}
+	}()
+	var pid int
+	for deadline := time.Now().Add(10 * time.Second); pid == 0; time.Sleep(time.Millisecond) {
+		if procs := builders(t); len(procs) > 0 {
+			pid = procs[0].Pid
+		} else if time.Now().After(deadline) {
+			t.Fatal("no layer builder started")
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	var threads []testutil.ProcClass
+	left := func() bool {
+		threads = testutil.Threads(t, pid)
+		for _, th := range threads {
+			if th.Nice != own.Nice || th.Cgroup != own.Cgroup {
+				return false
+			}
+		}
+		return len(threads) > 0
+	}
+	for deadline := time.Now().Add(5 * time.Second); !left(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			syscall.Kill(pid, syscall.SIGCONT)
+			t.Fatalf("starved builder's threads %+v; want them all at the daemon's nice %d, cpu cgroup %q", threads, own.Nice, own.Cgroup)
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if r.blob != wantBlob || !bytes.Equal(got.Bytes(), want.Bytes()) {
+		t.Errorf("blob of the starved builder = %+v (%d bytes); in the daemon %+v (%d bytes)", r.blob, got.Len(), wantBlob, want.Len())
+	}
+	requireNoBuilder(t)
 }
 
 // TestBuildLayerProcessFails: what the user sees when a builder cannot
@@ -205,7 +281,7 @@ func TestBuildLayerProcessFails(t *testing.T) {
 		check: errdefs.IsInvalidArgument, want: "lz4",
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
-			blob, _, err := buildLayerProcess(tc.ctx, tc.dst(), tc.upper, layer.Options{}, tc.c, 0, class, newProgress(0, noWait))
+			blob, _, err := buildLayerProcess(tc.ctx, tc.dst(), tc.upper, layer.Options{}, tc.c, 0, class, newProgress(0, noWait), builderStarvedAfter)
 			if !tc.check(err) || !strings.Contains(fmt.Sprint(err), tc.want) || blob != (Blob{}) {
 				t.Fatalf("buildLayerProcess = %+v, %v; want an error of the right class that says %q", blob, err, tc.want)
 			}

@@ -295,7 +295,7 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 		err       error
 	)
 	if cv.background != nil {
-		blob, diskBytes, err = buildLayerProcess(ctx, buf, cv.store.CaptureUpper(c.ID), opts, comp, level, *cv.background, prog)
+		blob, diskBytes, err = buildLayerProcess(ctx, buf, cv.store.CaptureUpper(c.ID), opts, comp, level, *cv.background, prog, builderStarvedAfter)
 	} else {
 		blob, err = CompressLayer(ctx, buf, comp, level, func(tw io.Writer) error {
 			_, err := layer.Write(ctx, prog.writer(ctx, tw), cv.store.CaptureUpper(c.ID), opts)

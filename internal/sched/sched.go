@@ -92,7 +92,7 @@ func (c Class) MoveProcess(pid int) error {
 	if c.Nice > 0 {
 		// The nice values first: setting them is quicker than a cgroup
 		// migration, which waits for an RCU grace period.
-		errs = append(errs, c.niceThreads(pid))
+		errs = append(errs, niceThreads(pid, c.Nice))
 	}
 	if c.Cgroup != "" {
 		if err := os.WriteFile(filepath.Join(c.Cgroup, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
@@ -101,13 +101,53 @@ func (c Class) MoveProcess(pid int) error {
 	}
 	if c.Nice > 0 {
 		// Twice: a thread made by one not yet reniced was missed.
-		errs = append(errs, c.niceThreads(pid))
+		errs = append(errs, niceThreads(pid, c.Nice))
 	}
 	return errors.Join(errs...)
 }
 
-// niceThreads sets c's nice value on every thread process pid has now.
-func (c Class) niceThreads(pid int) error {
+// LeaveProcess moves process pid, which MoveProcess put in class c, back
+// to the calling thread's class: its nice value and, when c has a cgroup,
+// its cpu cgroup. The daemon does this for a helper the containers have
+// starved of CPU for too long, so that its work still ends.
+func (c Class) LeaveProcess(pid int) error {
+	prio, err := unix.Getpriority(unix.PRIO_PROCESS, 0)
+	if err != nil {
+		return fmt.Errorf("read own nice value: %w", err)
+	}
+	// The system call answers 20 - nice, so that it is never negative.
+	nice := 20 - prio
+	var errs []error
+	if c.Cgroup != "" {
+		own, err := c.ownCgroup()
+		if err == nil {
+			err = os.WriteFile(filepath.Join(own, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("move process %d out of cgroup %s: %w", pid, c.Cgroup, err))
+		}
+	}
+	errs = append(errs, niceThreads(pid, nice), niceThreads(pid, nice))
+	return errors.Join(errs...)
+}
+
+// ownCgroup is the calling thread's cpu cgroup directory in the hierarchy
+// that holds c.Cgroup, which BackgroundCgroup makes at its top.
+func (c Class) ownCgroup() (string, error) {
+	data, err := os.ReadFile("/proc/thread-self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), "cpu") {
+			return filepath.Join(filepath.Dir(c.Cgroup), parts[2]), nil
+		}
+	}
+	return "", fmt.Errorf("no cpu cgroup in /proc/thread-self/cgroup: %w", errdefs.ErrNotFound)
+}
+
+// niceThreads sets nice on every thread process pid has now.
+func niceThreads(pid, nice int) error {
 	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
 	if err != nil {
 		return fmt.Errorf("list the threads of process %d: %w", pid, err)
@@ -118,8 +158,8 @@ func (c Class) niceThreads(pid int) error {
 		if err != nil {
 			continue
 		}
-		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, c.Nice); err != nil && !errors.Is(err, unix.ESRCH) {
-			errs = append(errs, fmt.Errorf("set nice %d of thread %d: %w", c.Nice, tid, err))
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("set nice %d of thread %d: %w", nice, tid, err))
 		}
 	}
 	return errors.Join(errs...)

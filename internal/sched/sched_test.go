@@ -104,6 +104,8 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// TestMoveProcess moves a process of several threads into a class and
+// out of it again.
 func TestMoveProcess(t *testing.T) {
 	testutil.RequireRoot(t)
 	class, want := Class{Nice: 19}, ""
@@ -140,8 +142,21 @@ func TestMoveProcess(t *testing.T) {
 		}
 	}
 
+	// And out again, to the mover's class.
+	if err := class.LeaveProcess(pid); err != nil {
+		t.Fatal(err)
+	}
+	for _, th := range testutil.Threads(t, pid) {
+		if th.Nice != own.Nice || th.Cgroup != own.Cgroup {
+			t.Errorf("thread %d after leaving: nice %d, cpu cgroup %q; want the test's %d, %q", th.Pid, th.Nice, th.Cgroup, own.Nice, own.Cgroup)
+		}
+	}
+
 	if err := class.MoveProcess(1 << 30); err == nil {
 		t.Error("MoveProcess of a process that does not exist succeeded")
+	}
+	if err := class.LeaveProcess(1 << 30); err == nil {
+		t.Error("LeaveProcess of a process that does not exist succeeded")
 	}
 }
 
