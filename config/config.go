@@ -149,8 +149,8 @@ type Convert struct {
 	// CPU the containers leave: the containers barely see a conversion,
 	// and images are published later (docs/benchmarks.md: about 20%
 	// later for a 1 GiB layer on 2 vCPUs). A builder the containers
-	// starve of CPU (no progress for 10 s) goes on at the daemon's
-	// priority. Off, layers are built in the daemon, at its priority.
+	// starve of CPU (no progress for 10 s, waiting for a CPU) goes on at
+	// the daemon's priority. Off, layers are built in the daemon, at its priority.
 	BackgroundBuild bool `toml:"background_build"`
 }
 

@@ -42,11 +42,11 @@ const (
 	// stderrLimit bounds what is kept of a builder's standard error: its
 	// last words, for the error of a failed job.
 	stderrLimit = 4 << 10
-	// builderStarvedAfter is how long a builder may go without a report
-	// before the daemon takes it out of the background class. On a host
-	// whose containers keep every CPU busy, that class gets next to
-	// nothing, and the image must still be published; a builder that
-	// reports reads and compresses at least a MiB in that time.
+	// builderStarvedAfter is how long a builder may go without a report,
+	// waiting for a CPU, before the daemon takes it out of the background
+	// class. On a host whose containers keep every CPU busy, that class
+	// gets next to nothing, and the image must still be published; a
+	// builder that runs reads and compresses a MiB well within it.
 	builderStarvedAfter = 10 * time.Second
 )
 
@@ -198,8 +198,8 @@ func (e *builderError) Unwrap() error { return e.class }
 // builder if the daemon dies.
 //
 // A builder that reports nothing for starvedAfter (builderStarvedAfter)
-// is starved: the daemon moves it to its own priority for the rest of
-// its work.
+// while it waits for a CPU is starved: the daemon moves it to its own
+// priority for the rest of its work (watchStarved).
 func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, bg sched.Class, prog *progress, starvedAfter time.Duration) (_ Blob, diskBytes int64, _ error) {
 	if err := validateCompression(c, level); err != nil {
 		return Blob{}, 0, err
@@ -324,29 +324,46 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 	return st.Blob, st.DiskBytes, nil
 }
 
-// watchStarved takes builder pid out of class bg whenever it has not
-// reported for starvedAfter, until stop closes. Once is enough, unless the
-// builder was starved before it entered bg itself.
+// watchStarved takes builder pid out of class bg when it is starved: it
+// has not reported for starvedAfter, and its threads spent at least half
+// of that waiting for a CPU (a builder held up by a slow registry, or
+// stopped, waits on its pipe, not for a CPU, and stays). It watches until
+// stop closes: once is enough, unless the builder was starved before it
+// entered bg itself. Without the kernel's schedstat, silence is enough.
 func watchStarved(ctx context.Context, pid int, bg sched.Class, starvedAfter time.Duration, reported *atomic.Int64, stop <-chan struct{}) {
 	tick := time.NewTicker(starvedAfter / 4)
 	defer tick.Stop()
+	seen := reported.Load()
+	baseDelay, _ := sched.RunDelay(pid)
 	for {
 		select {
 		case <-stop:
 			return
 		case <-tick.C:
 		}
-		if time.Since(time.Unix(0, reported.Load())) < starvedAfter {
+		if r := reported.Load(); r != seen {
+			seen = r
+			baseDelay, _ = sched.RunDelay(pid)
 			continue
 		}
-		reported.Store(time.Now().UnixNano())
+		if time.Since(time.Unix(0, seen)) < starvedAfter {
+			continue
+		}
+		delay, err := sched.RunDelay(pid)
+		seen = time.Now().UnixNano()
+		reported.Store(seen)
+		waited := delay - baseDelay
+		baseDelay = delay
+		if err == nil && waited < starvedAfter/2 {
+			continue
+		}
 		if err := bg.LeaveProcess(pid); err != nil {
 			if !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ESRCH) {
 				log.G(ctx).WithError(err).Warn("cannot take a starved layer builder out of the background class")
 			}
 			continue
 		}
-		log.G(ctx).WithField("pid", pid).Infof("the layer builder reported nothing for %s: it goes on at the daemon's priority", starvedAfter)
+		log.G(ctx).WithFields(log.Fields{"pid": pid, "waited": waited}).Infof("the layer builder reported nothing for %s, waiting for a CPU: it goes on at the daemon's priority", starvedAfter)
 	}
 }
 

@@ -3,6 +3,7 @@
 package convert
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -23,11 +25,44 @@ import (
 	"github.com/seamless-snapshotter/seamless-snapshotter/overlay/layer"
 )
 
+// spinHelperEnv makes the test binary a process that keeps every CPU
+// busy until its standard input closes: the containers of a busy host.
+const spinHelperEnv = "SEAMLESS_CONVERT_TEST_SPIN"
+
 func TestMain(m *testing.M) {
 	// The background class's layer builder is this test binary,
 	// re-executed.
 	MaybeRunLayerBuilder()
+	if os.Getenv(spinHelperEnv) == "1" {
+		for range runtime.NumCPU() {
+			go func() {
+				for {
+				}
+			}()
+		}
+		os.Stdout.WriteString("ready\n")
+		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
+}
+
+// backgroundClass is the daemon's background class for a test: nice 19
+// and, with cgroup v1, an idle cpu cgroup of this name, removed at the
+// end.
+func backgroundClass(t *testing.T, cgroup string) sched.Class {
+	class := sched.Class{Nice: 19}
+	if cgroups.Mode() == cgroups.Unified {
+		t.Log("cgroup v2: the class is nice 19 only")
+		return class
+	}
+	dir, err := sched.BackgroundCgroup(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(dir) })
+	class.Cgroup = dir
+	return class
 }
 
 // testUpper makes an upper directory of n files holding about size bytes
@@ -76,17 +111,7 @@ func noWait(context.Context) error { return nil }
 // ends at the tar's size; and no process is left afterwards.
 func TestBuildLayerProcess(t *testing.T) {
 	testutil.RequireRoot(t) // layer.Write reads trusted.* xattrs
-	class := sched.Class{Nice: 19}
-	if cgroups.Mode() != cgroups.Unified {
-		dir, err := sched.BackgroundCgroup("seamless-convert-test")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.Remove(dir) })
-		class.Cgroup = dir
-	} else {
-		t.Log("cgroup v2: the class is nice 19 only")
-	}
+	class := backgroundClass(t, "seamless-convert-test")
 	upper := testUpper(t, 24, 12<<20)
 	previous := t.TempDir()
 	if err := os.WriteFile(filepath.Join(previous, "f000"), []byte("older"), 0o644); err != nil {
@@ -151,21 +176,15 @@ func TestBuildLayerProcess(t *testing.T) {
 	}
 }
 
-// TestBuildLayerProcessStarved: a builder that reports nothing for the
-// starvation period (here stopped, as the idle class is on a host whose
-// containers keep every CPU busy) is taken out of its class, at the
-// daemon's priority, and its layer still comes out whole.
+// TestBuildLayerProcessStarved: a builder that gets no CPU (here a
+// process spins on every CPU at the daemon's priority, as the containers
+// of a busy host do) reports nothing for the starvation period, is taken
+// out of its class, and its layer comes out whole and in time; one that
+// is stopped instead (as one held up by its pipe is not running either)
+// is not starved, and stays in its class.
 func TestBuildLayerProcessStarved(t *testing.T) {
 	testutil.RequireRoot(t)
-	class := sched.Class{Nice: 19}
-	if cgroups.Mode() != cgroups.Unified {
-		dir, err := sched.BackgroundCgroup("seamless-convert-starved-test")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.Remove(dir) })
-		class.Cgroup = dir
-	}
+	class := backgroundClass(t, "seamless-convert-starved-test")
 	own := testutil.Threads(t, os.Getpid())[0]
 	upper := testUpper(t, 8, 4<<20)
 	var want bytes.Buffer
@@ -176,55 +195,97 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-
-	type result struct {
-		blob Blob
-		err  error
-	}
-	done := make(chan result, 1)
-	var got bytes.Buffer
-	go func() {
-		blob, _, err := buildLayerProcess(context.Background(), &got, upper, layer.Options{}, CompressionGzip, 0, class, newProgress(0, noWait), 300*time.Millisecond)
-		done <- result{blob, err}
-	}()
-	var pid int
-	for deadline := time.Now().Add(10 * time.Second); pid == 0; time.Sleep(time.Millisecond) {
-		if procs := builders(t); len(procs) > 0 {
-			pid = procs[0].Pid
-		} else if time.Now().After(deadline) {
-			t.Fatal("no layer builder started")
-		}
-	}
-	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	var threads []testutil.ProcClass
-	left := func() bool {
+	const starvedAfter = 300 * time.Millisecond
+	// inClass reports whether every thread of pid is in class (true) or
+	// in the test's own (false); ok is false for a mix or no threads.
+	inClass := func(pid int) (in, ok bool, threads []testutil.ProcClass) {
 		threads = testutil.Threads(t, pid)
+		var nIn, nOwn int
 		for _, th := range threads {
-			if th.Nice != own.Nice || th.Cgroup != own.Cgroup {
-				return false
+			switch {
+			case th.Nice == class.Nice && (class.Cgroup == "" || th.Cgroup == "/"+filepath.Base(class.Cgroup)):
+				nIn++
+			case th.Nice == own.Nice && th.Cgroup == own.Cgroup:
+				nOwn++
 			}
 		}
-		return len(threads) > 0
+		return nIn == len(threads), len(threads) > 0 && (nIn == len(threads) || nOwn == len(threads)), threads
 	}
-	for deadline := time.Now().Add(5 * time.Second); !left(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			syscall.Kill(pid, syscall.SIGCONT)
-			t.Fatalf("starved builder's threads %+v; want them all at the daemon's nice %d, cpu cgroup %q", threads, own.Nice, own.Cgroup)
+	build := func() (pid int, done <-chan error, got *bytes.Buffer) {
+		ch := make(chan error, 1)
+		got = new(bytes.Buffer)
+		go func() {
+			blob, _, err := buildLayerProcess(context.Background(), got, upper, layer.Options{}, CompressionGzip, 0, class, newProgress(0, noWait), starvedAfter)
+			if err == nil && blob != wantBlob {
+				err = fmt.Errorf("blob %+v, want %+v", blob, wantBlob)
+			}
+			ch <- err
+		}()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+			if procs := builders(t); len(procs) > 0 {
+				return procs[0].Pid, ch, got
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no layer builder started")
+			}
 		}
 	}
-	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
-		t.Fatal(err)
-	}
-	r := <-done
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	if r.blob != wantBlob || !bytes.Equal(got.Bytes(), want.Bytes()) {
-		t.Errorf("blob of the starved builder = %+v (%d bytes); in the daemon %+v (%d bytes)", r.blob, got.Len(), wantBlob, want.Len())
-	}
-	requireNoBuilder(t)
+
+	t.Run("starved", func(t *testing.T) {
+		testutil.StartHelper(t, spinHelperEnv+"=1")
+		start := time.Now()
+		pid, done, got := build()
+		promoted := false
+		giveUp := time.After(30 * time.Second)
+		for waiting := true; waiting; {
+			select {
+			case <-giveUp:
+				t.Fatalf("starved builder not done after 30s (seen out of its class: %t)", promoted)
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+				waiting = false
+			case <-time.After(5 * time.Millisecond):
+				if in, ok, _ := inClass(pid); ok && !in {
+					promoted = true
+				}
+			}
+		}
+		took := time.Since(start)
+		t.Logf("starved builder: done in %s, seen out of its class: %t", took.Round(time.Millisecond), promoted)
+		// In the idle class beside the spinners, it would get about a
+		// thousandth of the CPU: minutes.
+		if took > 20*time.Second || !promoted {
+			t.Errorf("starved builder took %s, seen out of its class: %t; want it moved out and done within 20s", took, promoted)
+		}
+		if !bytes.Equal(got.Bytes(), want.Bytes()) {
+			t.Errorf("blob of the starved builder: %d bytes differ from the daemon's %d", got.Len(), want.Len())
+		}
+		requireNoBuilder(t)
+	})
+
+	t.Run("stopped", func(t *testing.T) {
+		pid, done, got := build()
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * starvedAfter)
+		in, _, threads := inClass(pid)
+		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		if !in {
+			t.Errorf("stopped builder's threads %+v; want them still in the class (nice %d, cgroup %q)", threads, class.Nice, class.Cgroup)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got.Bytes(), want.Bytes()) {
+			t.Errorf("blob of the stopped builder: %d bytes differ from the daemon's %d", got.Len(), want.Len())
+		}
+		requireNoBuilder(t)
+	})
 }
 
 // TestBuildLayerProcessFails: what the user sees when a builder cannot

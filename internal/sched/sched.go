@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
@@ -144,6 +145,41 @@ func (c Class) ownCgroup() (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no cpu cgroup in /proc/thread-self/cgroup: %w", errdefs.ErrNotFound)
+}
+
+// RunDelay is how long the threads process pid has now have waited, in
+// all, for a CPU while they could run (the kernel's schedstat). A process
+// whose run delay grows as fast as the clock is starved; one blocked on
+// a pipe or stopped is not.
+func RunDelay(pid int) (time.Duration, error) {
+	paths, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	if err != nil {
+		return 0, err
+	}
+	if len(paths) == 0 {
+		return 0, fmt.Errorf("no schedstat for process %d: %w", pid, errdefs.ErrNotFound)
+	}
+	var total time.Duration
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // a thread that has just ended
+		}
+		if err != nil {
+			return 0, err
+		}
+		// "<on cpu ns> <waiting on a runqueue ns> <timeslices>"
+		f := strings.Fields(string(data))
+		if len(f) < 2 {
+			return 0, fmt.Errorf("%s: %q", p, data)
+		}
+		ns, err := strconv.ParseInt(f[1], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("%s: %w", p, err)
+		}
+		total += time.Duration(ns)
+	}
+	return total, nil
 }
 
 // niceThreads sets nice on every thread process pid has now.

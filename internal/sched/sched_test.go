@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,18 +86,29 @@ func TestBackgroundClass(t *testing.T) {
 	}
 }
 
-// threadsHelperEnv makes the test binary a process of several threads
-// that waits for its standard input to close: what TestMoveProcess moves.
+// threadsHelperEnv makes the test binary a helper process until its
+// standard input closes: "1", several threads that wait (what
+// TestMoveProcess moves); "spin", a thread spinning per CPU.
 const threadsHelperEnv = "SEAMLESS_SCHED_TEST_THREADS"
 
 func TestMain(m *testing.M) {
-	if os.Getenv(threadsHelperEnv) == "1" {
+	switch os.Getenv(threadsHelperEnv) {
+	case "1":
 		for range 3 {
 			go func() {
 				runtime.LockOSThread()
 				select {}
 			}()
 		}
+	case "spin":
+		for range runtime.GOMAXPROCS(0) {
+			go func() {
+				for {
+				}
+			}()
+		}
+	}
+	if os.Getenv(threadsHelperEnv) != "" {
 		os.Stdout.WriteString("ready\n")
 		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
 		os.Exit(0)
@@ -157,6 +169,48 @@ func TestMoveProcess(t *testing.T) {
 	}
 	if err := class.LeaveProcess(1 << 30); err == nil {
 		t.Error("LeaveProcess of a process that does not exist succeeded")
+	}
+}
+
+// TestRunDelay: a process whose threads share the CPUs with as many
+// spinning threads of another process accumulates run delay; a missing
+// process is an error.
+func TestRunDelay(t *testing.T) {
+	testutil.StartHelper(t, threadsHelperEnv+"=spin")
+	before, err := RunDelay(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	// Sampled while the threads still exist: an ended thread's delay
+	// leaves the sum.
+	after, err := RunDelay(os.Getpid())
+	close(stop)
+	wg.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each spinning thread waits about half of the 300 ms.
+	if waited := after - before; waited < 100*time.Millisecond {
+		t.Errorf("run delay grew by %s in 300ms of sharing every CPU with a spinner; want at least 100ms", waited)
+	}
+	if _, err := RunDelay(1 << 30); err == nil {
+		t.Error("RunDelay of a process that does not exist succeeded")
 	}
 }
 
