@@ -24,6 +24,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
@@ -128,6 +129,8 @@ func (c Class) LeaveProcess(pid int) error {
 			errs = append(errs, fmt.Errorf("move process %d out of cgroup %s: %w", pid, c.Cgroup, err))
 		}
 	}
+	// Twice, as in MoveProcess: a thread made meanwhile by one not yet
+	// reniced would keep c's nice value.
 	errs = append(errs, niceThreads(pid, nice), niceThreads(pid, nice))
 	return errors.Join(errs...)
 }
@@ -135,16 +138,15 @@ func (c Class) LeaveProcess(pid int) error {
 // ownCgroup is the calling thread's cpu cgroup directory in the hierarchy
 // that holds c.Cgroup, which BackgroundCgroup makes at its top.
 func (c Class) ownCgroup() (string, error) {
-	data, err := os.ReadFile("/proc/thread-self/cgroup")
+	legacy, _, err := cgroups.ParseCgroupFileUnified("/proc/thread-self/cgroup")
 	if err != nil {
 		return "", err
 	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && slices.Contains(strings.Split(parts[1], ","), "cpu") {
-			return filepath.Join(filepath.Dir(c.Cgroup), parts[2]), nil
-		}
+	path, ok := legacy["cpu"]
+	if !ok {
+		return "", fmt.Errorf("no cpu cgroup in /proc/thread-self/cgroup: %w", errdefs.ErrNotFound)
 	}
-	return "", fmt.Errorf("no cpu cgroup in /proc/thread-self/cgroup: %w", errdefs.ErrNotFound)
+	return filepath.Join(filepath.Dir(c.Cgroup), path), nil
 }
 
 // RunDelay is how long the threads process pid has now have waited, in
