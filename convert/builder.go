@@ -12,12 +12,10 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
-	"runtime"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -68,29 +66,106 @@ type builderStatus struct {
 }
 
 // MaybeRunLayerBuilder returns at once, unless this process was started
-// by a Converter as a layer builder: then it builds the layer it is asked
-// for, writes the blob to its standard output, and exits. Every program
-// that runs a Converter with a background class (WithBackgroundClass)
-// calls it first in main, and so does TestMain of tests that do.
+// by a Converter as a layer builder: then it serves the jobs it is sent
+// (serveLayerBuilder) and exits when the daemon closes its end. Every
+// program that runs a Converter with a background class
+// (WithBackgroundClass) calls it first in main, and so does TestMain of
+// tests that do.
 func MaybeRunLayerBuilder() {
 	if len(os.Args) == 0 || os.Args[0] != builderArg0 {
 		return
 	}
-	if err := runLayerBuilder(os.Args[1:], os.Stdout, os.NewFile(3, "status")); err != nil {
+	if err := serveLayerBuilder(os.Args[1:], os.NewFile(3, "control")); err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", builderArg0, err)
 		os.Exit(1)
 	}
 	os.Exit(0)
 }
 
-// runLayerBuilder is a builder process's work: args are its flags and the
-// upper directory. A layer that cannot be built is reported on status,
-// not returned: the error returned is about the process's own set-up.
-func runLayerBuilder(args []string, out, status io.Writer) error {
+// builderJobMax bounds a job message: a builder's flags and two paths.
+const builderJobMax = 64 << 10
+
+// serveLayerBuilder is a builder process's life: it enters the class its
+// flags name, then takes jobs from ctl, a SOCK_SEQPACKET socket, one
+// message each: the job's flags and upper directory (runLayerBuilder's
+// args) as JSON, with the two pipes the blob and the status go to. It
+// closes both when the job is done, and returns when ctl reaches its end.
+// The error it returns is about the process or the protocol; a layer that
+// cannot be built is a job's outcome, on its status pipe.
+func serveLayerBuilder(args []string, ctl *os.File) error {
 	fs := flag.NewFlagSet(builderArg0, flag.ContinueOnError)
 	var class sched.Class
 	fs.IntVar(&class.Nice, "nice", 0, "nice value of the process")
 	fs.StringVar(&class.Cgroup, "cgroup", "", "cgroup v1 cpu cgroup the process joins")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	// Best effort, as for the daemon's background threads: a builder at
+	// a higher priority than asked is slower for the containers, not
+	// wrong.
+	_ = class.EnterProcess()
+	defer ctl.Close()
+	buf := make([]byte, builderJobMax)
+	oob := make([]byte, unix.CmsgSpace(2*4))
+	for {
+		n, oobn, _, _, err := unix.Recvmsg(int(ctl.Fd()), buf, oob, unix.MSG_CMSG_CLOEXEC)
+		if err != nil {
+			return fmt.Errorf("receive a job: %w", err)
+		}
+		if n == 0 && oobn == 0 {
+			return nil // the daemon closed its end
+		}
+		out, status, err := jobPipes(oob[:oobn])
+		if err != nil {
+			return err
+		}
+		var jobArgs []string
+		if err := json.Unmarshal(buf[:n], &jobArgs); err != nil {
+			out.Close()
+			status.Close()
+			return fmt.Errorf("job message: %w", err)
+		}
+		err = runLayerBuilder(jobArgs, out, status)
+		out.Close()
+		status.Close()
+		if err != nil {
+			return err
+		}
+		// What the job's compressor and walk held, back to the host
+		// while the process waits for the next.
+		debug.FreeOSMemory()
+	}
+}
+
+// jobPipes returns the two descriptors a job message carries: where the
+// blob and the status go.
+func jobPipes(oob []byte) (out, status *os.File, _ error) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil, nil, fmt.Errorf("job message: %w", err)
+	}
+	var fds []int
+	for _, m := range msgs {
+		rights, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		fds = append(fds, rights...)
+	}
+	if len(fds) != 2 {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		return nil, nil, fmt.Errorf("job message: %d descriptors, want 2", len(fds))
+	}
+	return os.NewFile(uintptr(fds[0]), "blob"), os.NewFile(uintptr(fds[1]), "status"), nil
+}
+
+// runLayerBuilder is one job of a builder process: args are its flags and
+// the upper directory. A layer that cannot be built is reported on status,
+// not returned: the error returned is about the job's set-up.
+func runLayerBuilder(args []string, out, status io.Writer) error {
+	fs := flag.NewFlagSet(builderArg0, flag.ContinueOnError)
 	comp := fs.String("compression", string(CompressionGzip), "compression of the blob")
 	level := fs.Int("level", 0, "compression level (0: the compression's default)")
 	previous := fs.String("previous", "", "earlier capture the layer is the changes from")
@@ -101,10 +176,6 @@ func runLayerBuilder(args []string, out, status io.Writer) error {
 	if fs.NArg() != 1 {
 		return fmt.Errorf("want one upper directory, got %q", fs.Args())
 	}
-	// Best effort, as for the daemon's background threads: a builder at
-	// a higher priority than asked is slower for the containers, not
-	// wrong.
-	_ = class.EnterProcess()
 	opts := layer.Options{Previous: *previous}
 	if *modTime != 0 {
 		t := time.Unix(0, *modTime)
@@ -181,93 +252,66 @@ func (e *builderError) Error() string { return e.msg }
 func (e *builderError) Unwrap() error { return e.class }
 
 // buildLayerProcess writes the layer of upper (see layer.Write), compressed
-// with c at level, to dst, building it in a process of class bg: reading
-// the files, the tar, its digest and the compression, most of a
-// conversion's CPU time, run there, and so does the walk that measures
-// the disk space upper's files use (diskBytes; 0 when unknown). A daemon thread of the background
-// class could not do it (see sched.Class.EnterProcess), and the
-// compressor's goroutines cannot be placed one by one. The daemon only
-// passes the blob on to dst (hashing it again: the digest it records is
-// its own), steps aside while a container is frozen, and counts the tar's
-// progress in prog.
-//
-// The daemon moves the process into bg as soon as it starts, and the
-// process enters bg again itself, first thing (for threads made in
-// between). The thread that starts it waits for it, because the kernel sends a child's parent-death signal
-// when the thread that forked it ends, and that signal is what ends the
-// builder if the daemon dies.
+// with c at level, to dst, and returns its digests and size, as
+// CompressLayer does; but a builder process of the pool's class builds it
+// (see builderPool). The walk of the files, the tar, its digest and the
+// compression, most of a conversion's CPU time, run there, and so does
+// the walk that measures the disk space upper's files use (diskBytes; 0
+// when unknown). A daemon thread of the background class could not do it
+// (see sched.Class.EnterProcess), and the compressor's goroutines cannot
+// be placed one by one. The daemon only passes the blob on to dst
+// (hashing it again: the digest it records is its own), steps aside
+// while a container is frozen, and counts the tar's progress in prog.
 //
 // A builder that reports nothing for starvedAfter (builderStarvedAfter)
 // while it waits for a CPU is starved: the daemon moves it to its own
-// priority for the rest of its work (watchStarved).
-func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, bg sched.Class, prog *progress, starvedAfter time.Duration) (_ Blob, diskBytes int64, _ error) {
+// priority for the rest of the job (watchStarved) and retires it after.
+// A job cut short (ctx, dst failing) kills its builder.
+func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts layer.Options, c Compression, level int, pool *builderPool, prog *progress, starvedAfter time.Duration) (_ Blob, diskBytes int64, _ error) {
 	if err := validateCompression(c, level); err != nil {
 		return Blob{}, 0, err
 	}
 	if err := ctx.Err(); err != nil {
 		return Blob{}, 0, err
 	}
+	args := []string{"-compression", string(c), "-level", strconv.Itoa(level), "-previous", opts.Previous}
+	if opts.ModTime != nil {
+		args = append(args, "-modtime", strconv.FormatInt(opts.ModTime.UnixNano(), 10))
+	}
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		return Blob{}, 0, fmt.Errorf("builder pipe: %w", err)
 	}
+	defer outR.Close()
 	statR, statW, err := os.Pipe()
 	if err != nil {
-		outR.Close()
 		outW.Close()
 		return Blob{}, 0, fmt.Errorf("builder pipe: %w", err)
 	}
 	// A larger pipe than the default 64 KiB: fewer switches between the
 	// builder and the daemon. Best effort (the limit is
-	// fs.pipe-max-size). Fd makes the file blocking: it is the
-	// builder's end.
+	// fs.pipe-max-size).
 	_, _ = unix.FcntlInt(outW.Fd(), unix.F_SETPIPE_SZ, 1<<20)
-
-	args := []string{"-nice", strconv.Itoa(bg.Nice), "-cgroup", bg.Cgroup,
-		"-compression", string(c), "-level", strconv.Itoa(level), "-previous", opts.Previous}
-	if opts.ModTime != nil {
-		args = append(args, "-modtime", strconv.FormatInt(opts.ModTime.UnixNano(), 10))
-	}
-	cmd := exec.CommandContext(ctx, "/proc/self/exe", append(args, "--", upper)...)
-	cmd.Args[0] = builderArg0
-	stderr := &tailBuffer{limit: stderrLimit}
-	cmd.Stdout, cmd.Stderr, cmd.ExtraFiles = outW, stderr, []*os.File{statW}
-	// Nothing of the daemon's environment (a registry credential, say)
-	// reaches a process that reads the container's files.
-	cmd.Env = []string{}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	started, exited := make(chan error, 1), make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		// At once: the runtime's start-up in the builder, before its
-		// main moves itself, would run at the daemon's priority.
-		if err := bg.MoveProcess(cmd.Process.Pid); err != nil {
-			log.G(ctx).WithError(err).Warn("the layer builder runs at a higher priority than its background class")
-		}
-		started <- nil
-		exited <- cmd.Wait()
-	}()
-	err = <-started
-	// The process has its own copies (or none, if it did not start).
+	b, err := pool.dispatch(ctx, append(args, "--", upper), outW, statW)
+	// The builder has its own copies (or none, if the job was not sent):
+	// they close when it ends the job, or dies, and so end the reads
+	// below.
 	outW.Close()
 	statW.Close()
 	if err != nil {
-		outR.Close()
 		statR.Close()
-		return Blob{}, 0, fmt.Errorf("start the layer builder: %w: %w", errdefs.ErrUnavailable, err)
+		return Blob{}, 0, err
 	}
+	defer pool.put(b)
+	stopKill := context.AfterFunc(ctx, b.kill)
+	defer stopKill()
 
 	var reported atomic.Int64 // when the builder last reported, in Unix ns
 	reported.Store(time.Now().UnixNano())
 	stopWatch := make(chan struct{})
 	defer close(stopWatch)
-	if bg != (sched.Class{}) {
-		go watchStarved(ctx, cmd.Process.Pid, bg, starvedAfter, &reported, stopWatch)
+	if pool.class != (sched.Class{}) {
+		go watchStarved(ctx, b.pid, pool.class, starvedAfter, &reported, b.leftClass, stopWatch)
 	}
 
 	statusCh := make(chan builderStatus, 1)
@@ -278,7 +322,7 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 		for {
 			var st builderStatus
 			if err := dec.Decode(&st); err != nil {
-				break // the builder's end: the last status is its outcome
+				break // the job's end: the last status is its outcome
 			}
 			reported.Store(time.Now().UnixNano())
 			if st.Done {
@@ -293,11 +337,10 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 	_, copyErr := io.CopyBuffer(blob, outR, make([]byte, 1<<20))
 	if copyErr != nil {
 		// Its output is no longer wanted.
-		_ = cmd.Process.Kill()
+		b.kill()
 	}
-	outR.Close() // a builder still writing gets EPIPE and ends
+	outR.Close() // a builder still writing gets EPIPE and fails the job
 	st := <-statusCh
-	exitErr := <-exited
 
 	switch {
 	case ctx.Err() != nil:
@@ -312,13 +355,17 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 			}
 		}
 		return Blob{}, 0, &builderError{msg: st.Error, class: class}
-	case exitErr != nil || !st.Done:
-		msg := stderr.String()
+	case !st.Done:
+		// A builder that ends a job without its outcome is dying, or was
+		// killed: its exit status and last words tell why.
+		exitErr := b.wait(builderExitWait)
+		msg := b.stderr.String()
 		if msg == "" {
 			msg = "(no message)"
 		}
 		return Blob{}, 0, fmt.Errorf("layer builder process: %w: %v: %s", errdefs.ErrUnavailable, exitErr, msg)
 	case st.Blob.Digest != blob.h.Digest() || st.Blob.Size != blob.n:
+		b.kill()
 		return Blob{}, 0, fmt.Errorf("layer builder: blob %s of %d bytes reported, %s of %d received", st.Blob.Digest, st.Blob.Size, blob.h.Digest(), blob.n)
 	}
 	return st.Blob, st.DiskBytes, nil
@@ -330,7 +377,7 @@ func buildLayerProcess(ctx context.Context, dst io.Writer, upper string, opts la
 // stopped, waits on its pipe, not for a CPU, and stays). It watches until
 // stop closes: once is enough, unless the builder was starved before it
 // entered bg itself. Without the kernel's schedstat, silence is enough.
-func watchStarved(ctx context.Context, pid int, bg sched.Class, starvedAfter time.Duration, reported *atomic.Int64, stop <-chan struct{}) {
+func watchStarved(ctx context.Context, pid int, bg sched.Class, starvedAfter time.Duration, reported *atomic.Int64, left func(), stop <-chan struct{}) {
 	tick := time.NewTicker(starvedAfter / 4)
 	defer tick.Stop()
 	seen := reported.Load()
@@ -363,6 +410,7 @@ func watchStarved(ctx context.Context, pid int, bg sched.Class, starvedAfter tim
 			}
 			continue
 		}
+		left()
 		log.G(ctx).WithFields(log.Fields{"pid": pid, "waited": waited}).Infof("the layer builder reported nothing for %s, waiting for a CPU: it goes on at the daemon's priority", starvedAfter)
 	}
 }

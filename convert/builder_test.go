@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -106,9 +107,10 @@ func noWait(context.Context) error { return nil }
 // TestBuildLayerProcess: a layer built by a builder process of the
 // background class is the same blob, byte for byte, as one built in the
 // daemon, for each compression, with mtimes clamped and as the changes
-// from a previous capture; every thread of the builder runs at the
-// class's nice value and, with cgroup v1, in its cgroup; the progress
-// ends at the tar's size; and no process is left afterwards.
+// from a previous capture; one builder process serves every job; every
+// thread of it runs at the class's nice value and, with cgroup v1, in its
+// cgroup; the progress ends at the tar's size; and no process is left
+// once the pool is closed.
 func TestBuildLayerProcess(t *testing.T) {
 	testutil.RequireRoot(t) // layer.Write reads trusted.* xattrs
 	class := backgroundClass(t, "seamless-convert-test")
@@ -121,6 +123,8 @@ func TestBuildLayerProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 	clamp := time.Unix(1_700_000_000, 0)
+	pool := testPool(t, class, time.Minute)
+	var pids []int
 	for _, tc := range []struct {
 		name string
 		c    Compression
@@ -147,7 +151,7 @@ func TestBuildLayerProcess(t *testing.T) {
 				}
 			}}
 			prog := newProgress(0, noWait)
-			gotBlob, diskBytes, err := buildLayerProcess(context.Background(), dst, upper, tc.opts, tc.c, 0, class, prog, builderStarvedAfter)
+			gotBlob, diskBytes, err := buildLayerProcess(context.Background(), dst, upper, tc.opts, tc.c, 0, pool, prog, builderStarvedAfter)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -171,8 +175,11 @@ func TestBuildLayerProcess(t *testing.T) {
 					t.Errorf("builder thread %d: cpu cgroup %q; want %q", pc.Pid, pc.Cgroup, want)
 				}
 			}
-			requireNoBuilder(t)
+			pids = append(pids, onlyBuilder(t))
 		})
+	}
+	if len(slices.Compact(slices.Clone(pids))) != 1 {
+		t.Errorf("builder processes of the jobs in turn: %v; want one for all", pids)
 	}
 }
 
@@ -211,11 +218,11 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 		}
 		return nIn == len(threads), len(threads) > 0 && (nIn == len(threads) || nOwn == len(threads)), threads
 	}
-	build := func() (pid int, done <-chan error, got *bytes.Buffer) {
+	build := func(pool *builderPool) (pid int, done <-chan error, got *bytes.Buffer) {
 		ch := make(chan error, 1)
 		got = new(bytes.Buffer)
 		go func() {
-			blob, _, err := buildLayerProcess(context.Background(), got, upper, layer.Options{}, CompressionGzip, 0, class, newProgress(0, noWait), starvedAfter)
+			blob, _, err := buildLayerProcess(context.Background(), got, upper, layer.Options{}, CompressionGzip, 0, pool, newProgress(0, noWait), starvedAfter)
 			if err == nil && blob != wantBlob {
 				err = fmt.Errorf("blob %+v, want %+v", blob, wantBlob)
 			}
@@ -232,9 +239,10 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 	}
 
 	t.Run("starved", func(t *testing.T) {
+		pool := testPool(t, class, time.Minute)
 		testutil.StartHelper(t, spinHelperEnv+"=1")
 		start := time.Now()
-		pid, done, got := build()
+		pid, done, got := build(pool)
 		promoted := false
 		giveUp := time.After(30 * time.Second)
 		for waiting := true; waiting; {
@@ -262,11 +270,13 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 		if !bytes.Equal(got.Bytes(), want.Bytes()) {
 			t.Errorf("blob of the starved builder: %d bytes differ from the daemon's %d", got.Len(), want.Len())
 		}
+		// Out of its class, it must not serve another job: retired.
 		requireNoBuilder(t)
 	})
 
 	t.Run("stopped", func(t *testing.T) {
-		pid, done, got := build()
+		pool := testPool(t, class, time.Minute)
+		pid, done, got := build(pool)
 		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 			t.Fatal(err)
 		}
@@ -284,7 +294,10 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 		if !bytes.Equal(got.Bytes(), want.Bytes()) {
 			t.Errorf("blob of the stopped builder: %d bytes differ from the daemon's %d", got.Len(), want.Len())
 		}
-		requireNoBuilder(t)
+		// Still in its class, it waits for the next job.
+		if got := onlyBuilder(t); got != pid {
+			t.Errorf("builder after the job: %d; want %d, kept for the next", got, pid)
+		}
 	})
 }
 
@@ -297,6 +310,14 @@ func TestBuildLayerProcessFails(t *testing.T) {
 	upper := testUpper(t, 8, 8<<20)
 	wh := t.TempDir()
 	if err := os.WriteFile(filepath.Join(wh, ".wh.name"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	small := testUpper(t, 2, 64<<10)
+	var smallWant bytes.Buffer
+	if _, err := CompressLayer(context.Background(), &smallWant, CompressionGzip, 0, func(w io.Writer) error {
+		_, err := layer.Write(context.Background(), w, small, layer.Options{})
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
 	errBoom := errors.New("boom")
@@ -342,12 +363,19 @@ func TestBuildLayerProcessFails(t *testing.T) {
 		check: errdefs.IsInvalidArgument, want: "lz4",
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
-			blob, _, err := buildLayerProcess(tc.ctx, tc.dst(), tc.upper, layer.Options{}, tc.c, 0, class, newProgress(0, noWait), builderStarvedAfter)
+			pool := testPool(t, class, time.Minute)
+			blob, _, err := buildLayerProcess(tc.ctx, tc.dst(), tc.upper, layer.Options{}, tc.c, 0, pool, newProgress(0, noWait), builderStarvedAfter)
 			if !tc.check(err) || !strings.Contains(fmt.Sprint(err), tc.want) || blob != (Blob{}) {
 				t.Fatalf("buildLayerProcess = %+v, %v; want an error of the right class that says %q", blob, err, tc.want)
 			}
 			t.Logf("error: %v", err)
-			requireNoBuilder(t)
+			// Whatever failed, the next job is built whole: by the same
+			// builder if the failure was the layer's, by a new one if
+			// the builder was killed.
+			var got bytes.Buffer
+			if _, _, err := buildLayerProcess(context.Background(), &got, small, layer.Options{}, CompressionGzip, 0, pool, newProgress(0, noWait), builderStarvedAfter); err != nil || !bytes.Equal(got.Bytes(), smallWant.Bytes()) {
+				t.Fatalf("the next job: %v, %d bytes; want the %d bytes of the layer", err, got.Len(), smallWant.Len())
+			}
 		})
 	}
 }
@@ -358,10 +386,119 @@ func builders(t *testing.T) []testutil.ProcClass {
 	return testutil.Children(t, os.Getpid(), builderArg0)
 }
 
-// requireNoBuilder fails the test if a builder child is left.
+// requireNoBuilder fails the test if a builder child is left once
+// retired builders have had the time to exit.
 func requireNoBuilder(t *testing.T) {
 	t.Helper()
-	if procs := builders(t); len(procs) != 0 {
-		t.Fatalf("layer builder processes left: %+v", procs)
+	deadline := time.Now().Add(builderExitWait + time.Second)
+	for {
+		procs := builders(t)
+		if len(procs) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("layer builder processes left: %+v", procs)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// testPool is a builder pool of class for one test: closed at its end,
+// when no builder may be left.
+func testPool(t *testing.T, class sched.Class, idleAfter time.Duration) *builderPool {
+	pool := newBuilderPool(class, idleAfter)
+	t.Cleanup(func() {
+		pool.Close()
+		requireNoBuilder(t)
+	})
+	return pool
+}
+
+// onlyBuilder returns the pid of this process's one layer builder.
+func onlyBuilder(t *testing.T) int {
+	t.Helper()
+	procs := builders(t)
+	if len(procs) != 1 {
+		t.Fatalf("layer builder processes %+v; want one", procs)
+	}
+	return procs[0].Pid
+}
+
+// TestBuilderPool: a builder process serves job after job, and is retired
+// when it has been idle too long or the pool closes; one that dies while
+// idle is replaced, and the job it would have served is built whole.
+func TestBuilderPool(t *testing.T) {
+	testutil.RequireRoot(t)
+	class := backgroundClass(t, "seamless-convert-pool-test")
+	upper := testUpper(t, 4, 256<<10)
+	var want bytes.Buffer
+	if _, err := CompressLayer(context.Background(), &want, CompressionZstd, 0, func(w io.Writer) error {
+		_, err := layer.Write(context.Background(), w, upper, layer.Options{})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	job := func(t *testing.T, pool *builderPool) int {
+		t.Helper()
+		var got bytes.Buffer
+		if _, _, err := buildLayerProcess(context.Background(), &got, upper, layer.Options{}, CompressionZstd, 0, pool, newProgress(0, noWait), builderStarvedAfter); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got.Bytes(), want.Bytes()) {
+			t.Fatalf("blob: %d bytes, differing from the daemon's %d", got.Len(), want.Len())
+		}
+		return onlyBuilder(t)
+	}
+
+	t.Run("reused", func(t *testing.T) {
+		pool := testPool(t, class, time.Minute)
+		first := job(t, pool)
+		for range 3 {
+			if pid := job(t, pool); pid != first {
+				t.Fatalf("builder of a later job: %d; want %d, the first's", pid, first)
+			}
+		}
+	})
+	t.Run("retired when idle", func(t *testing.T) {
+		const idleAfter = 200 * time.Millisecond
+		pool := testPool(t, class, idleAfter)
+		job(t, pool)
+		start := time.Now()
+		requireNoBuilder(t)
+		if took := time.Since(start); took > idleAfter+2*time.Second {
+			t.Errorf("idle builder gone after %s; want about %s", took, idleAfter)
+		}
+		job(t, pool) // a new one
+	})
+	t.Run("dies while idle", func(t *testing.T) {
+		pool := testPool(t, class, time.Minute)
+		first := job(t, pool)
+		if err := syscall.Kill(first, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		// Until the pool has seen the death: one that comes while a job
+		// is sent fails that job, which the job's next try redoes.
+		seen := func() bool {
+			pool.mu.Lock()
+			defer pool.mu.Unlock()
+			return len(pool.idle) == 1 && !pool.idle[0].alive()
+		}
+		for deadline := time.Now().Add(5 * time.Second); !seen(); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the pool did not see its idle builder die")
+			}
+		}
+		if pid := job(t, pool); pid == first {
+			t.Fatalf("builder after the first was killed: %d, the same", pid)
+		}
+	})
+	t.Run("closed", func(t *testing.T) {
+		pool := newBuilderPool(class, time.Minute)
+		job(t, pool)
+		pool.Close()
+		requireNoBuilder(t)
+		// A job after Close still runs, on a builder retired at its end.
+		job(t, pool)
+		requireNoBuilder(t)
+	})
 }

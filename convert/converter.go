@@ -42,9 +42,9 @@ type Converter struct {
 	// observers are told of every job that ends (done or failed).
 	observers []func(snapshotter.Commit)
 
-	// background, if set, is the class of the layer builder processes
-	// (see buildLayerProcess).
-	background *sched.Class
+	// builders, if set, are the layer builder processes, of the
+	// background class (see buildLayerProcess).
+	builders *builderPool
 
 	wake chan struct{}
 
@@ -70,7 +70,7 @@ func WithJobObserver(fn func(snapshotter.Commit)) Option {
 func WithBackgroundClass(c sched.Class) Option {
 	return func(cv *Converter) {
 		if c != (sched.Class{}) {
-			cv.background = &c
+			cv.builders = newBuilderPool(c, builderIdleAfter)
 		}
 	}
 }
@@ -108,6 +108,9 @@ func (cv *Converter) Run(ctx context.Context) error {
 	defer func() {
 		jobs.Wait()
 		collector.Wait()
+		if cv.builders != nil {
+			cv.builders.Close()
+		}
 		cv.clientMu.Lock()
 		if cv.client != nil {
 			cv.client.Close()

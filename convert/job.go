@@ -60,7 +60,7 @@ func (cv *Converter) convert(ctx context.Context, c snapshotter.Commit) (snapsho
 	// daemon would run at the containers' priority right after the
 	// capture.
 	used := c.CaptureDiskBytes
-	if used == 0 && cv.background == nil {
+	if used == 0 && cv.builders == nil {
 		used = diskUsage(ctx, cv.store.CaptureUpper(c.ID))
 	}
 	if c, err = cv.store.UpdateCommit(ctx, c.ID, func(r *snapshotter.Commit) error {
@@ -294,8 +294,8 @@ func (cv *Converter) buildLayer(ctx context.Context, cs content.Store, c snapsho
 		diskBytes int64
 		err       error
 	)
-	if cv.background != nil {
-		blob, diskBytes, err = buildLayerProcess(ctx, buf, cv.store.CaptureUpper(c.ID), opts, comp, level, *cv.background, prog, builderStarvedAfter)
+	if cv.builders != nil {
+		blob, diskBytes, err = buildLayerProcess(ctx, buf, cv.store.CaptureUpper(c.ID), opts, comp, level, cv.builders, prog, builderStarvedAfter)
 	} else {
 		blob, err = CompressLayer(ctx, buf, comp, level, func(tw io.Writer) error {
 			_, err := layer.Write(ctx, prog.writer(ctx, tw), cv.store.CaptureUpper(c.ID), opts)
