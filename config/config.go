@@ -148,9 +148,11 @@ type Convert struct {
 	// ([commit] precopy_nice and background_cgroup), which only gets the
 	// CPU the containers leave: the containers barely see a conversion,
 	// and images are published later (docs/benchmarks.md: about 20%
-	// later for a 1 GiB layer on 2 vCPUs). A builder the containers
-	// starve of CPU (no progress for 10 s, waiting for a CPU) goes on at
-	// the daemon's priority. Off, layers are built in the daemon, at its priority.
+	// later for a 1 GiB layer on 2 vCPUs). A builder is kept for the
+	// next layers, and retired after 5 minutes without one. A builder
+	// the containers starve of CPU (no progress for 10 s, waiting for a
+	// CPU) goes on at the daemon's priority, and is retired after that
+	// layer. Off, layers are built in the daemon, at its priority.
 	BackgroundBuild bool `toml:"background_build"`
 }
 
