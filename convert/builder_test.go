@@ -135,14 +135,7 @@ func TestBuildLayerProcess(t *testing.T) {
 		{"none/changes", CompressionNone, layer.Options{Previous: previous}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var want bytes.Buffer
-			wantBlob, err := CompressLayer(context.Background(), &want, tc.c, 0, func(w io.Writer) error {
-				_, err := layer.Write(context.Background(), w, upper, tc.opts)
-				return err
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
+			wantBlob, want := daemonLayer(t, upper, tc.c, tc.opts)
 			var got bytes.Buffer
 			var threads []testutil.ProcClass
 			dst := &inspectingWriter{w: &got, inspect: func() {
@@ -155,8 +148,8 @@ func TestBuildLayerProcess(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if gotBlob != wantBlob || !bytes.Equal(got.Bytes(), want.Bytes()) {
-				t.Errorf("blob from the builder = %+v (%d bytes); in the daemon %+v (%d bytes)", gotBlob, got.Len(), wantBlob, want.Len())
+			if gotBlob != wantBlob || !bytes.Equal(got.Bytes(), want) {
+				t.Errorf("blob from the builder = %+v (%d bytes); in the daemon %+v (%d bytes)", gotBlob, got.Len(), wantBlob, len(want))
 			}
 			if wantDisk := diskUsage(context.Background(), upper); diskBytes != wantDisk || diskBytes == 0 {
 				t.Errorf("disk usage from the builder = %d; a walk in the daemon finds %d", diskBytes, wantDisk)
@@ -194,14 +187,7 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 	class := backgroundClass(t, "seamless-convert-starved-test")
 	own := testutil.Threads(t, os.Getpid())[0]
 	upper := testUpper(t, 8, 4<<20)
-	var want bytes.Buffer
-	wantBlob, err := CompressLayer(context.Background(), &want, CompressionGzip, 0, func(w io.Writer) error {
-		_, err := layer.Write(context.Background(), w, upper, layer.Options{})
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	wantBlob, want := daemonLayer(t, upper, CompressionGzip, layer.Options{})
 	const starvedAfter = 300 * time.Millisecond
 	// inClass reports whether every thread of pid is in class (true) or
 	// in the test's own (false); ok is false for a mix or no threads.
@@ -267,8 +253,8 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 		if took > 20*time.Second || !promoted {
 			t.Errorf("starved builder took %s, seen out of its class: %t; want it moved out and done within 20s", took, promoted)
 		}
-		if !bytes.Equal(got.Bytes(), want.Bytes()) {
-			t.Errorf("blob of the starved builder: %d bytes differ from the daemon's %d", got.Len(), want.Len())
+		if !bytes.Equal(got.Bytes(), want) {
+			t.Errorf("blob of the starved builder: %d bytes differ from the daemon's %d", got.Len(), len(want))
 		}
 		// Out of its class, it must not serve another job: retired.
 		requireNoBuilder(t)
@@ -291,8 +277,8 @@ func TestBuildLayerProcessStarved(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(got.Bytes(), want.Bytes()) {
-			t.Errorf("blob of the stopped builder: %d bytes differ from the daemon's %d", got.Len(), want.Len())
+		if !bytes.Equal(got.Bytes(), want) {
+			t.Errorf("blob of the stopped builder: %d bytes differ from the daemon's %d", got.Len(), len(want))
 		}
 		// Still in its class, it waits for the next job.
 		if got := onlyBuilder(t); got != pid {
@@ -313,13 +299,7 @@ func TestBuildLayerProcessFails(t *testing.T) {
 		t.Fatal(err)
 	}
 	small := testUpper(t, 2, 64<<10)
-	var smallWant bytes.Buffer
-	if _, err := CompressLayer(context.Background(), &smallWant, CompressionGzip, 0, func(w io.Writer) error {
-		_, err := layer.Write(context.Background(), w, small, layer.Options{})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	_, smallWant := daemonLayer(t, small, CompressionGzip, layer.Options{})
 	errBoom := errors.New("boom")
 	canceled, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -373,11 +353,27 @@ func TestBuildLayerProcessFails(t *testing.T) {
 			// builder if the failure was the layer's, by a new one if
 			// the builder was killed.
 			var got bytes.Buffer
-			if _, _, err := buildLayerProcess(context.Background(), &got, small, layer.Options{}, CompressionGzip, 0, pool, newProgress(0, noWait), builderStarvedAfter); err != nil || !bytes.Equal(got.Bytes(), smallWant.Bytes()) {
-				t.Fatalf("the next job: %v, %d bytes; want the %d bytes of the layer", err, got.Len(), smallWant.Len())
+			if _, _, err := buildLayerProcess(context.Background(), &got, small, layer.Options{}, CompressionGzip, 0, pool, newProgress(0, noWait), builderStarvedAfter); err != nil || !bytes.Equal(got.Bytes(), smallWant) {
+				t.Fatalf("the next job: %v, %d bytes; want the %d bytes of the layer", err, got.Len(), len(smallWant))
 			}
 		})
 	}
+}
+
+// daemonLayer is upper's layer with compression c, built in this process
+// as the daemon builds it without a builder: what a builder's blob must
+// be, byte for byte.
+func daemonLayer(t *testing.T, upper string, c Compression, opts layer.Options) (Blob, []byte) {
+	t.Helper()
+	var buf bytes.Buffer
+	blob, err := CompressLayer(context.Background(), &buf, c, 0, func(w io.Writer) error {
+		_, err := layer.Write(context.Background(), w, upper, opts)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return blob, buf.Bytes()
 }
 
 // builders returns this process's layer builder children.
@@ -431,21 +427,15 @@ func TestBuilderPool(t *testing.T) {
 	testutil.RequireRoot(t)
 	class := backgroundClass(t, "seamless-convert-pool-test")
 	upper := testUpper(t, 4, 256<<10)
-	var want bytes.Buffer
-	if _, err := CompressLayer(context.Background(), &want, CompressionZstd, 0, func(w io.Writer) error {
-		_, err := layer.Write(context.Background(), w, upper, layer.Options{})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	_, want := daemonLayer(t, upper, CompressionZstd, layer.Options{})
 	job := func(t *testing.T, pool *builderPool) int {
 		t.Helper()
 		var got bytes.Buffer
 		if _, _, err := buildLayerProcess(context.Background(), &got, upper, layer.Options{}, CompressionZstd, 0, pool, newProgress(0, noWait), builderStarvedAfter); err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(got.Bytes(), want.Bytes()) {
-			t.Fatalf("blob: %d bytes, differing from the daemon's %d", got.Len(), want.Len())
+		if !bytes.Equal(got.Bytes(), want) {
+			t.Fatalf("blob: %d bytes, differing from the daemon's %d", got.Len(), len(want))
 		}
 		return onlyBuilder(t)
 	}
